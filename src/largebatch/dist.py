@@ -1,0 +1,141 @@
+"""Launch detection (torchrun, SLURM, none), process-group set-up and per-rank seeding.
+
+torchrun's variables win over SLURM's: under ``srun torchrun`` the agent, not SLURM, numbers
+the ranks. With neither, the process is a single rank and no process group is created (the
+embedded default, as on a laptop or in a notebook).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+from largebatch.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    launcher: str  # "torchrun" | "slurm" | "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when a process group is needed (more than one rank)."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints, logs and writes files."""
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list ("node[01-03,7],gpu5") without needing ``scontrol``."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for rng in ranges.split(","):
+            lo, _, hi = rng.partition("-")
+            hi = hi or lo
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return hosts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of SLURM_JOB_NODELIST: ``scontrol show hostnames`` if present, else parsed."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read the launcher's environment: torchrun first, then SLURM, else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv("torchrun", rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+                       local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(env.get("MASTER_PORT", "29500")))
+    # Only srun sets SLURM_STEP_NUM_TASKS: a batch script running the trainer directly (no srun)
+    # is one process even when the allocation has several tasks.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        port = int(env.get("MASTER_PORT", str(15000 + job_id % 20000)))
+        return DistEnv("slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
+                       local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                       master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                       master_port=port)
+    return DistEnv("none")
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``cuda:<local_rank>`` when CUDA is asked for or available, else CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_process_group(denv: DistEnv, device: torch.device, backend: str = "auto") -> None:
+    """Create the default process group for a multi-rank launch (no-op for one rank)."""
+    if not denv.is_distributed or torch_dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
+    if denv.launcher == "slurm":
+        # SLURM sets no MASTER_* for us; torch's env:// rendezvous reads them.
+        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        kwargs = dict(rank=denv.rank, world_size=denv.world_size)
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    torch_dist.init_process_group(backend=backend, timeout=timedelta(minutes=10), **kwargs)
+
+
+def destroy_process_group() -> None:
+    """Tear the process group down if one exists."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)

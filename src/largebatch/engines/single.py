@@ -1,0 +1,19 @@
+"""One process, one device: nothing to synchronise."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from largebatch.engines.base import Engine
+
+
+class SingleEngine(Engine):
+    """The embedded default: the model on one device, no process group."""
+
+    name = "single"
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Move the model to the device and keep the optimizer as is."""
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        return self.model

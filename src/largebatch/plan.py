@@ -1,0 +1,176 @@
+"""The batch plan: the one place where global = micro x accum x world is computed and checked.
+
+Everything that depends on the batch — steps per epoch, the scaled learning rate, warmup in
+steps, DeepSpeed's batch fields, batch growth on plateau — derives from a ``BatchPlan``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from largebatch.config import Config, ConfigError
+
+
+def resolve_batch(global_size: Optional[int], micro_size: Optional[int],
+                  accum_steps: Optional[int], world_size: int) -> tuple[int, int, int]:
+    """Complete (global, micro, accum) from any two of them and the world size.
+
+    Raises:
+        ConfigError: a value is not positive, does not divide, or three values disagree.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world_size={world_size} must be >= 1")
+    for key, value in (("batch.global_size", global_size), ("batch.micro_size", micro_size),
+                       ("batch.accum_steps", accum_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    g, m, a, w = global_size, micro_size, accum_steps, world_size
+    if g is not None and m is not None and a is not None:
+        if g != m * a * w:
+            raise ConfigError(f"batch.global_size={g} != micro_size {m} x accum_steps {a} x "
+                              f"world_size {w} (= {m * a * w}); give two of the three")
+        return g, m, a
+    if g is not None and m is not None:
+        if g % (m * w):
+            raise ConfigError(f"batch.global_size={g} is not divisible by micro_size {m} x "
+                              f"world_size {w}")
+        return g, m, g // (m * w)
+    if g is not None and a is not None:
+        if g % (a * w):
+            raise ConfigError(f"batch.global_size={g} is not divisible by accum_steps {a} x "
+                              f"world_size {w}")
+        return g, g // (a * w), a
+    if m is not None:
+        a = a or 1
+        return m * a * w, m, a
+    if g is not None:
+        if g % w:
+            raise ConfigError(f"batch.global_size={g} is not divisible by world_size {w}")
+        return g, g // w, 1
+    raise ConfigError("batch: set at least batch.global_size or batch.micro_size")
+
+
+def scaled_lr(base_lr: float, rule: str, global_size: int, base_batch: int) -> float:
+    """Peak LR from the base LR: linear (Goyal et al. 2017) or square-root scaling."""
+    ratio = global_size / base_batch
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    return base_lr
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Validated batch arithmetic for one run (identical on every rank)."""
+
+    global_size: int
+    micro_size: int
+    accum_steps: int
+    world_size: int
+    dataset_size: int
+    drop_last: bool
+    base_lr: float
+    scale_rule: str
+    base_batch: int
+    peak_lr: float
+    warmup_steps: int
+    max_global_size: Optional[int] = None
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples per full optimizer step over all ranks (= global_size)."""
+        return self.micro_size * self.accum_steps * self.world_size
+
+    @property
+    def shard_size(self) -> int:
+        """Training samples each rank sees per epoch (DistributedSampler semantics)."""
+        if self.drop_last:
+            return self.dataset_size // self.world_size
+        return math.ceil(self.dataset_size / self.world_size)
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches per rank per epoch (the last one may be short unless drop_last)."""
+        if self.drop_last:
+            return (self.dataset_size // self.global_size) * self.accum_steps
+        return math.ceil(self.shard_size / self.micro_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch; without drop_last the last window may be short."""
+        if self.drop_last:
+            return self.dataset_size // self.global_size
+        return math.ceil(self.micro_batches_per_epoch / self.accum_steps)
+
+    def grown(self, factor: float) -> Optional["BatchPlan"]:
+        """The plan with the global batch multiplied by ~1/factor through more accumulation.
+
+        The micro batch is unchanged; growth stops at ``max_global_size``. Returns None when
+        the batch cannot grow any more (the caller then falls back to lowering the LR).
+        """
+        mult = max(2, round(1.0 / factor))
+        accum = self.accum_steps * mult
+        if self.max_global_size is not None:
+            accum = min(accum, self.max_global_size // (self.micro_size * self.world_size))
+        if accum <= self.accum_steps:
+            return None
+        return dataclasses.replace(self, accum_steps=accum,
+                                   global_size=self.micro_size * accum * self.world_size)
+
+    def deepspeed_fields(self) -> dict[str, int]:
+        """DeepSpeed's three batch fields, derived from this plan."""
+        return {"train_batch_size": self.global_size,
+                "train_micro_batch_size_per_gpu": self.micro_size,
+                "gradient_accumulation_steps": self.accum_steps}
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as one JSON object (what ``largebatch plan --json`` prints)."""
+        out = dataclasses.asdict(self)
+        out.update(samples_per_step=self.samples_per_step, shard_size=self.shard_size,
+                   micro_batches_per_epoch=self.micro_batches_per_epoch,
+                   steps_per_epoch=self.steps_per_epoch)
+        return out
+
+    def describe(self) -> str:
+        """Human-readable lines, printed once at start on rank 0."""
+        return "\n".join([
+            f"batch plan: global {self.global_size} = micro {self.micro_size} x accum "
+            f"{self.accum_steps} x world {self.world_size}",
+            f"  data: {self.dataset_size} samples, {self.shard_size} per rank, "
+            f"{self.steps_per_epoch} optimizer steps/epoch "
+            f"({'drop_last' if self.drop_last else 'last window may be short'})",
+            f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule {self.scale_rule}, "
+            f"peak {self.peak_lr:g}, warmup {self.warmup_steps} steps",
+        ])
+
+
+def make_plan(cfg: Config, world_size: int, dataset_size: int) -> BatchPlan:
+    """Build and validate the plan from the config, the launch's world size and the data."""
+    g, m, a = resolve_batch(cfg.batch.global_size, cfg.batch.micro_size, cfg.batch.accum_steps,
+                            world_size)
+    if dataset_size < 1:
+        raise ConfigError(f"dataset has {dataset_size} samples; need at least 1")
+    if cfg.data.drop_last and dataset_size < g:
+        raise ConfigError(f"data.drop_last with {dataset_size} samples < batch.global_size={g} "
+                          f"leaves no step per epoch")
+    if cfg.batch.max_global_size is not None and cfg.batch.max_global_size < g:
+        raise ConfigError(f"batch.max_global_size={cfg.batch.max_global_size} is smaller than "
+                          f"batch.global_size={g}")
+    base_batch = cfg.optim.base_batch if cfg.optim.base_batch is not None else g
+    if base_batch < 1:
+        raise ConfigError(f"optim.base_batch={base_batch} must be a positive integer")
+    plan = BatchPlan(global_size=g, micro_size=m, accum_steps=a, world_size=world_size,
+                     dataset_size=dataset_size, drop_last=cfg.data.drop_last,
+                     base_lr=cfg.optim.lr, scale_rule=cfg.optim.scale_rule, base_batch=base_batch,
+                     peak_lr=scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, g, base_batch),
+                     warmup_steps=0, max_global_size=cfg.batch.max_global_size)
+    warmup = cfg.schedule.warmup_steps
+    if cfg.schedule.warmup_epochs > 0:
+        if warmup:
+            raise ConfigError(f"schedule.warmup_steps={warmup} and schedule.warmup_epochs="
+                              f"{cfg.schedule.warmup_epochs} are both set; give one")
+        warmup = round(cfg.schedule.warmup_epochs * plan.steps_per_epoch)
+    return dataclasses.replace(plan, warmup_steps=warmup)

@@ -1,0 +1,84 @@
+"""Build a run from a config and train it: the glue between config, plan, engine and trainer."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from largebatch.config import Config, ConfigError, to_dict
+from largebatch.data import build_eval_loader, build_train_loader, mnist_size
+from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
+from largebatch.engines import build_engine
+from largebatch.metrics import MetricsLogger, check_wandb_online, write_json_atomic
+from largebatch.models import build_model
+from largebatch.optim import build_optimizer
+from largebatch.optim.schedules import build_schedule
+from largebatch.plan import BatchPlan, make_plan
+from largebatch.trainer import Trainer
+
+
+def plan_for(cfg: Config, world_size: int) -> BatchPlan:
+    """The batch plan for ``cfg`` at ``world_size`` (no data is read)."""
+    return make_plan(cfg, world_size, mnist_size(cfg.data, train=True))
+
+
+def check_world_size(cfg: Config, denv: DistEnv) -> None:
+    """Stop when the launch has another world size than asked for (e.g. accelerate's --cpu)."""
+    expected = cfg.engine.expected_world_size
+    if expected and expected != denv.world_size:
+        raise ConfigError(f"engine.expected_world_size={expected} but the launcher started "
+                          f"world_size {denv.world_size} (launcher: {denv.launcher}); for "
+                          f"accelerate on CPU use ACCELERATE_USE_CPU=1 accelerate launch "
+                          f"--multi_gpu --num_processes {expected}")
+
+
+def setup_runtime(cfg: Config, denv: Optional[DistEnv] = None) -> tuple[DistEnv, torch.device]:
+    """Detect the launch, pick the device and create the process group (idempotent)."""
+    denv = denv or detect_launch()
+    check_world_size(cfg, denv)
+    device = pick_device(cfg.train.device, denv.local_rank)
+    init_process_group(denv, device, cfg.engine.backend)
+    return denv, device
+
+
+def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> dict[str, Any]:
+    """Train one run described by ``cfg``; returns the summary (also written to summary.json)."""
+    denv, device = setup_runtime(cfg, denv)
+    plan = plan_for(cfg, denv.world_size)
+    check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
+    if denv.is_main and not quiet:
+        print(plan.describe(), flush=True)
+    # Same seed on every rank for the model init (DDP would broadcast anyway), then a per-rank
+    # offset so dropout masks differ across ranks like they would across samples.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    engine = build_engine(cfg, denv, device)
+    optimizer = build_optimizer(cfg.optim, model, lr=plan.peak_lr)
+    engine.setup(model, optimizer)
+    seed_everything(cfg.train.seed + 1000 * denv.rank)
+    planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
+    if cfg.train.max_steps:
+        planned = min(planned, cfg.train.max_steps)
+    total_steps = cfg.schedule.total_steps or planned
+    schedule = build_schedule(engine.optimizer, cfg.schedule, plan, total_steps)
+    train_loader = build_train_loader(cfg.data, plan.micro_size, denv.rank, denv.world_size,
+                                      cfg.train.seed, device)
+    eval_loader = build_eval_loader(cfg.data, denv.rank, denv.world_size, device)
+    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg))
+    logger.write_json("plan.json", plan.to_json())
+    logger.write_json("config.json", to_dict(cfg))
+    trainer = Trainer(cfg, engine, schedule, plan, train_loader, eval_loader, logger)
+    summary = trainer.fit()
+    summary["engine"] = engine.name
+    summary["world_size"] = denv.world_size
+    logger.write_json("summary.json", summary)
+    logger.close(summary)
+    if denv.is_main and not quiet:
+        keys = ("steps", "epochs_run", "final_val_acc", "final_val_loss", "reached_target",
+                "time_to_target_s", "stop_reason")
+        print("summary: " + json.dumps({k: summary[k] for k in keys}), flush=True)
+    return summary
