@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from largebatch.checkpoint import save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data import build_eval_loader, build_train_loader, mnist_size
 from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
@@ -64,7 +65,8 @@ def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> d
     if cfg.train.max_steps:
         planned = min(planned, cfg.train.max_steps)
     total_steps = cfg.schedule.total_steps or planned
-    schedule = build_schedule(engine.optimizer, cfg.schedule, plan, total_steps)
+    schedule = build_schedule(engine.optimizer, cfg.schedule, plan, total_steps,
+                              reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
     train_loader = build_train_loader(cfg.data, plan.micro_size, denv.rank, denv.world_size,
                                       cfg.train.seed, device)
     eval_loader = build_eval_loader(cfg.data, denv.rank, denv.world_size, device)
@@ -76,6 +78,8 @@ def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> d
     summary["engine"] = engine.name
     summary["world_size"] = denv.world_size
     logger.write_json("summary.json", summary)
+    if denv.is_main:
+        save_checkpoint(Path(cfg.log.out_dir) / "model.pt", {"model": engine.unwrapped().state_dict()})
     logger.close(summary)
     if denv.is_main and not quiet:
         keys = ("steps", "epochs_run", "final_val_acc", "final_val_loss", "reached_target",

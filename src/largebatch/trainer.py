@@ -148,9 +148,7 @@ class Trainer:
             s.reached_target, s.steps_to_target = True, s.step
             s.epochs_to_target, s.time_to_target_s = epoch, s.train_time_s
         metric = s.val_loss if self.cfg.schedule.plateau.metric == "val_loss" else s.val_acc
-        # Average over ranks first so every rank takes the same decision at the same step.
-        (metric,) = self.engine.reduce_scalars([metric], op="mean")
-        action = self.schedule.on_eval(metric)
+        action = self.schedule.on_eval(metric)  # averages over ranks before deciding
         if action == "grow_batch":
             self._grow_batch()
 

@@ -5,7 +5,7 @@ plateau logic are filled in by the large-batch recipe work.)
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,11 +21,14 @@ class LRSchedule:
         cfg: the schedule section.
         plan: the batch plan (peak LR and warmup steps come from it).
         total_steps: planned optimizer steps (for cosine/poly).
+        reduce_mean: averages a float over ranks (identity for one process); applied to every
+            metric before a plateau decision so all ranks decide the same at the same step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, plan: BatchPlan,
-                 total_steps: int) -> None:
+                 total_steps: int, reduce_mean: Optional[Callable[[float], float]] = None) -> None:
         self.optimizer = optimizer
+        self.reduce_mean = reduce_mean or (lambda x: x)
         self.cfg = cfg
         self.peak_lr = plan.peak_lr
         self.warmup_steps = plan.warmup_steps
@@ -57,7 +60,12 @@ class LRSchedule:
         self._apply()
 
     def on_eval(self, metric: float) -> Optional[str]:
-        """Feed an evaluation metric (already averaged over ranks); returns an action or None."""
+        """Feed this rank's evaluation metric; returns the plateau action taken or None.
+
+        The metric is averaged over ranks first (``reduce_mean``). Returns 'reduce_lr' when
+        the LR was lowered, 'grow_batch' when the caller should grow the batch instead.
+        """
+        self.reduce_mean(metric)
         return None
 
     def reduce_lr(self) -> None:
@@ -77,6 +85,7 @@ class LRSchedule:
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, plan: BatchPlan,
-                   total_steps: int) -> LRSchedule:
+                   total_steps: int,
+                   reduce_mean: Optional[Callable[[float], float]] = None) -> LRSchedule:
     """The configured schedule."""
-    return LRSchedule(optimizer, cfg, plan, total_steps)
+    return LRSchedule(optimizer, cfg, plan, total_steps, reduce_mean)
