@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +13,7 @@ from largebatch.checkpoint import save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data import build_eval_loader, build_train_loader, mnist_size
 from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
-from largebatch.engines import build_engine
+from largebatch.engines import Engine, build_engine
 from largebatch.metrics import MetricsLogger, check_wandb_online, write_json_atomic
 from largebatch.models import build_model
 from largebatch.optim import build_optimizer
@@ -46,8 +46,20 @@ def setup_runtime(cfg: Config, denv: Optional[DistEnv] = None) -> tuple[DistEnv,
     return denv, device
 
 
-def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> dict[str, Any]:
-    """Train one run described by ``cfg``; returns the summary (also written to summary.json)."""
+@dataclass
+class Run:
+    """Everything one training run is made of, built but not yet trained."""
+
+    cfg: Config
+    denv: DistEnv
+    plan: BatchPlan
+    engine: Engine
+    trainer: Trainer
+    logger: MetricsLogger
+
+
+def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> Run:
+    """Launch detection, plan, model, optimizer, engine, schedule, loaders, logger, trainer."""
     denv, device = setup_runtime(cfg, denv)
     plan = plan_for(cfg, denv.world_size)
     check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
@@ -64,8 +76,8 @@ def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> d
     planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
     if cfg.train.max_steps:
         planned = min(planned, cfg.train.max_steps)
-    total_steps = cfg.schedule.total_steps or planned
-    schedule = build_schedule(engine.optimizer, cfg.schedule, plan, total_steps,
+    schedule = build_schedule(engine.optimizer, cfg.schedule, plan,
+                              cfg.schedule.total_steps or planned,
                               reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
     train_loader = build_train_loader(cfg.data, plan.micro_size, denv.rank, denv.world_size,
                                       cfg.train.seed, device)
@@ -74,15 +86,26 @@ def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> d
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
     trainer = Trainer(cfg, engine, schedule, plan, train_loader, eval_loader, logger)
-    summary = trainer.fit()
-    summary["engine"] = engine.name
-    summary["world_size"] = denv.world_size
-    logger.write_json("summary.json", summary)
-    if denv.is_main:
-        save_checkpoint(Path(cfg.log.out_dir) / "model.pt", {"model": engine.unwrapped().state_dict()})
-    logger.close(summary)
-    if denv.is_main and not quiet:
+    return Run(cfg, denv, plan, engine, trainer, logger)
+
+
+def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    """Write summary.json and the final weights (rank 0), close the metrics sinks."""
+    summary["engine"] = run.engine.name
+    summary["world_size"] = run.denv.world_size
+    run.logger.write_json("summary.json", summary)
+    state = run.engine.state_dict()  # may be a collective (ZeRO): every rank calls it
+    if run.denv.is_main:
+        save_checkpoint(Path(run.cfg.log.out_dir) / "model.pt", {"model": state["model"]})
+    run.logger.close(summary)
+    if run.denv.is_main and not quiet:
         keys = ("steps", "epochs_run", "final_val_acc", "final_val_loss", "reached_target",
                 "time_to_target_s", "stop_reason")
         print("summary: " + json.dumps({k: summary[k] for k in keys}), flush=True)
     return summary
+
+
+def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> dict[str, Any]:
+    """Train one run described by ``cfg``; returns the summary (also written to summary.json)."""
+    run = build_run(cfg, denv, quiet)
+    return finish_run(run, run.trainer.fit(), quiet)
