@@ -403,6 +403,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} is not one of 0|1|2|3")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values")
+    from largebatch.optim.schedules import check_schedule  # local: schedules imports config
+    check_schedule(cfg.schedule)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -202,6 +202,7 @@ class Trainer:
         while self._consumed < self._epoch_micro and not s.stop_reason:
             n_micro = min(self.plan.accum_steps, self._epoch_micro - self._consumed)
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
+            lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
             loss = self.train_step(batches, n_micro, window)
             s.train_time_s += time.perf_counter() - t0
@@ -215,7 +216,7 @@ class Trainer:
             if s.step % self.cfg.log.every_steps == 0 or s.diverged:
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
-                                 "loss": loss, "lr": self.schedule.lr, "time_s": s.train_time_s})
+                                 "loss": loss, "lr": lr, "time_s": s.train_time_s})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
