@@ -41,7 +41,8 @@ def check_wandb_online(mode: str, env: Optional[dict] = None) -> None:
 class MetricsLogger:
     """Writes ``metrics.jsonl`` and mirrors each record to wandb; a no-op off rank 0."""
 
-    def __init__(self, cfg: LogConfig, enabled: bool, run_config: dict[str, Any]) -> None:
+    def __init__(self, cfg: LogConfig, enabled: bool, run_config: dict[str, Any],
+                 append: bool = False) -> None:
         self.enabled = enabled
         self.out_dir = Path(cfg.out_dir)
         self._file = None
@@ -49,12 +50,15 @@ class MetricsLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.out_dir / "metrics.jsonl", "w", buffering=1 << 16)
+        # A resumed run appends: what the pre-empted run wrote is kept.
+        # Line-buffered: a pre-empted or killed run keeps every record up to its last step.
+        self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
         if cfg.wandb.mode != "disabled":
             import wandb  # imported only when asked for: it is slow to import
             self._wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
                                      name=cfg.wandb.name, mode=cfg.wandb.mode,
-                                     dir=str(self.out_dir), config=run_config)
+                                     dir=str(self.out_dir), config=run_config,
+                                     resume="allow" if append else None)
 
     def log(self, record: dict[str, Any]) -> None:
         """One JSON object per line; wandb gets the numeric fields at the record's step."""

@@ -134,6 +134,12 @@ class BatchPlan:
                    steps_per_epoch=self.steps_per_epoch)
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BatchPlan":
+        """Rebuild a plan from ``to_json`` (derived fields are recomputed, not trusted)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
     def describe(self) -> str:
         """Human-readable lines, printed once at start on rank 0."""
         return "\n".join([

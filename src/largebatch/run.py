@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from largebatch.checkpoint import save_checkpoint
+from largebatch.checkpoint import Checkpointer, save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data import build_eval_loader, build_train_loader, mnist_size
 from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
@@ -82,11 +83,37 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     train_loader = build_train_loader(cfg.data, plan.micro_size, denv.rank, denv.world_size,
                                       cfg.train.seed, device)
     eval_loader = build_eval_loader(cfg.data, denv.rank, denv.world_size, device)
-    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg))
+    checkpointer = make_checkpointer(cfg, denv, engine)
+    resuming = checkpointer is not None and cfg.checkpoint.resume and checkpointer.latest.is_file()
+    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=resuming)
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
     trainer = Trainer(cfg, engine, schedule, plan, train_loader, eval_loader, logger)
+    if checkpointer is not None:
+        trainer.checkpointer = checkpointer
+        if resuming and checkpointer.resume(trainer) and denv.is_main and not quiet:
+            print(f"resumed from {checkpointer.latest} at step {trainer.state.step}", flush=True)
+        watch_preemption(trainer)
     return Run(cfg, denv, plan, engine, trainer, logger)
+
+
+def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine) -> Optional[Checkpointer]:
+    """A checkpointer when any checkpoint option is set (dir, every_steps or resume)."""
+    ck = cfg.checkpoint
+    if ck.dir is None and not ck.every_steps and not ck.resume:
+        return None
+    directory = Path(ck.dir) if ck.dir else Path(cfg.log.out_dir) / "checkpoints"
+    return Checkpointer(directory, denv.rank, denv.world_size, engine.barrier)
+
+
+def watch_preemption(trainer: Trainer) -> None:
+    """SIGUSR1 (SLURM's ``--signal=USR1@T``): finish the step, checkpoint, stop cleanly."""
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+    try:
+        signal.signal(signal.SIGUSR1, request_stop)
+    except ValueError:  # not the main thread (e.g. embedded in another app): no handler
+        pass
 
 
 def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[str, Any]:

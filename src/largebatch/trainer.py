@@ -30,6 +30,7 @@ class RunState:
     step: int = 0
     samples: int = 0
     epoch: int = 0
+    consumed: int = 0  # micro-batches of the current epoch already trained on (this rank)
     train_time_s: float = 0.0
     last_eval_mark: int = 0
     last_loss: float = math.nan
@@ -45,7 +46,12 @@ class RunState:
 
     def state_dict(self) -> dict[str, Any]:
         """A plain dict of the counters."""
-        return dict(self.__dict__)
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counters; a resumed run has not stopped yet."""
+        self.__dict__.update(state)
+        self.stop_reason = ""
 
 
 @dataclass
@@ -79,6 +85,8 @@ class Trainer:
         self.train_loader, self.eval_loader, self.logger = train_loader, eval_loader, logger
         self.state = RunState()
         self.timer = Timer()
+        self.stop_requested = False  # set by a signal handler (pre-emption): save, then stop
+        self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
 
     # ---- one step ---------------------------------------------------------------------------
@@ -168,13 +176,15 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _epoch_progress(self) -> float:
-        return self.state.epoch + self._consumed / max(1, self._epoch_micro)
+        return self.state.epoch + self.state.consumed / max(1, self._epoch_micro)
 
     def _should_stop(self) -> str:
         t = self.cfg.train
         s = self.state
         if s.diverged:
             return "diverged"
+        if self._stop_requested_anywhere():
+            return "preempted"
         if t.stop_at_target and s.reached_target:
             return "target_reached"
         if t.max_steps and s.step >= t.max_steps:
@@ -189,24 +199,42 @@ class Trainer:
         every = self.cfg.train.eval_every_samples
         if every:
             return self.state.samples // every > self.state.last_eval_mark // every
-        return self._consumed == self._epoch_micro  # epoch end
+        return self.state.consumed == self._epoch_micro  # epoch end
+
+    def _stop_requested_anywhere(self) -> bool:
+        """True when any rank got the stop signal (all ranks must stop at the same step)."""
+        if self.checkpointer is None:
+            return False
+        flag = float(self.stop_requested)
+        if self.engine.world_size > 1:
+            (flag,) = self.engine.reduce_scalars([flag], op="max")
+        return flag > 0
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        s = self.state
+        if self.checkpointer is not None and (s.stop_reason == "preempted"
+                                              or (every and s.step % every == 0)):
+            self.checkpointer(self)
 
     def _run_epoch(self, progress: Any) -> None:
         s, plan = self.state, self.plan
         self.train_loader.set_epoch(s.epoch)
         batches = iter(self.train_loader)
         self._epoch_micro = plan.micro_batches_per_epoch
-        self._consumed, rank_samples = 0, 0
+        for _ in range(s.consumed):  # resuming mid-epoch: the same order, minus what was seen
+            next(batches)
+        rank_samples = min(s.consumed * plan.micro_size, plan.shard_size)
         self.timer = Timer()
         epoch_start = time.perf_counter()
-        while self._consumed < self._epoch_micro and not s.stop_reason:
-            n_micro = min(self.plan.accum_steps, self._epoch_micro - self._consumed)
+        while s.consumed < self._epoch_micro and not s.stop_reason:
+            n_micro = min(self.plan.accum_steps, self._epoch_micro - s.consumed)
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
             lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
             loss = self.train_step(batches, n_micro, window)
             s.train_time_s += time.perf_counter() - t0
-            self._consumed += n_micro
+            s.consumed += n_micro
             rank_samples += window
             s.step += 1
             s.samples += window * self.engine.world_size
@@ -223,19 +251,20 @@ class Trainer:
             if self._eval_due() and not s.diverged:
                 self._evaluate_and_decide()
             s.stop_reason = self._should_stop()
+            self._maybe_checkpoint()
         # Evaluation is excluded from the epoch's training time, as from time-to-target.
         wall = time.perf_counter() - epoch_start
         self.logger.log({"kind": "epoch", "epoch": s.epoch, "step": s.step,
                          "epoch_time_s": wall - self.timer.eval_s,
                          "data_time_s": self.timer.data_s, "compute_time_s": self.timer.compute_s,
-                         "eval_time_s": self.timer.eval_s, "micro_batches": self._consumed})
-        if self._consumed == self._epoch_micro:
+                         "eval_time_s": self.timer.eval_s, "micro_batches": s.consumed})
+        if s.consumed == self._epoch_micro:
             s.epoch += 1
-            self._consumed = 0
+            s.consumed = 0
 
     def fit(self) -> dict[str, Any]:
         """Train until epochs, max_steps, the time budget, divergence or the target."""
-        self._epoch_micro, self._consumed = self.plan.micro_batches_per_epoch, 0
+        self._epoch_micro = self.plan.micro_batches_per_epoch
         wall_start = time.perf_counter()
         progress = None
         if self.engine.is_main and self.cfg.log.progress:
@@ -247,7 +276,8 @@ class Trainer:
             self._run_epoch(progress)
         if progress is not None:
             progress.close()
-        if self.state.last_eval_mark != self.state.samples and not self.state.diverged:
+        done = self.state.stop_reason == "preempted" or self.state.diverged
+        if self.state.last_eval_mark != self.state.samples and not done:
             self._evaluate_and_decide()
         return self.summary(time.perf_counter() - wall_start)
 
@@ -255,6 +285,19 @@ class Trainer:
         t = self.cfg.train
         steps = math.ceil(t.epochs * self.plan.steps_per_epoch)
         return min(steps, t.max_steps) if t.max_steps else steps
+
+    # ---- state (exact resume) ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything shared by all ranks: counters, current plan, schedule, model, optimizer."""
+        return {"run": self.state.state_dict(), "plan": self.plan.to_json(),
+                "schedule": self.schedule.state_dict(), "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict``: the same step, data position, LR and batch plan."""
+        self.state.load_state_dict(state["run"])
+        self.plan = BatchPlan.from_json(state["plan"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.engine.load_state_dict(state["engine"])
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         """The run's outcome (summary.json)."""

@@ -1,0 +1,104 @@
+"""Exact resume: a run checkpointed (on schedule or on SIGUSR1) and resumed ends bit-identical
+to the same run uninterrupted — model, optimizer, schedule, data position and per-rank RNG."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from largebatch.checkpoint import load_checkpoint
+from tests.conftest import REPO, cli_env, run_cli, run_torchrun
+
+# seed_cnn has dropout: equal weights need the RNG streams restored too.
+BASE = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
+        "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5"]
+
+
+def _args(root, out, *extra):
+    return [*BASE, f"data.root={root}", "data.download=false", f"log.out_dir={out}", *extra]
+
+
+def _weights(out: Path) -> dict:
+    return load_checkpoint(out / "model.pt")["model"]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed run differs by {diff}"
+
+
+def test_resume_from_periodic_checkpoint_is_exact(tmp_path, mnist_root):
+    straight = tmp_path / "straight"
+    assert run_cli(*_args(mnist_root, straight, "train.max_steps=14")).returncode == 0
+    cut = tmp_path / "cut"
+    first = run_cli(*_args(mnist_root, cut, "train.max_steps=6", "checkpoint.every_steps=6"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli(*_args(mnist_root, cut, "train.max_steps=14", "checkpoint.resume=true"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout and "at step 6" in second.stdout
+    _assert_same(_weights(straight), _weights(cut))
+    steps = [json.loads(l)["step"] for l in (cut / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == list(range(1, 15))   # nothing written before the cut was lost
+
+
+def _worker_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the processes whose command line contains ``marker``."""
+    pids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+            env = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if marker in cmd and "largebatch" in cmd and "RANK=" in env:
+            rank = [e for e in env.split("\0") if e.startswith("RANK=")]
+            if rank and "torch.distributed.run" not in cmd:
+                pids[int(rank[0][5:])] = int(pid)
+    return pids
+
+
+def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path, mnist_root):
+    """SLURM's pre-emption signal reaches one worker: both ranks stop at the same step."""
+    straight = tmp_path / "straight"
+    proc = run_torchrun(2, *_args(mnist_root, straight))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "largebatch", *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck")]
+    live = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or
+                                      metrics.read_text().count('"kind": "train"') < 3):
+        time.sleep(0.05)
+    pids = _worker_pids(str(cut))
+    assert 1 in pids, pids
+    os.kill(pids[1], signal.SIGUSR1)
+    out, err = live.communicate(timeout=120)
+    assert live.returncode == 0, err[-2000:]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["stop_reason"] == "preempted" and summary["steps"] < 60
+    resumed = run_torchrun(2, *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck",
+                                     "checkpoint.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {summary['steps']}" in resumed.stdout
+    final = json.loads((cut / "summary.json").read_text())
+    assert final["steps"] == 60 and final["stop_reason"] == "epochs"
+    _assert_same(_weights(straight), _weights(cut))
+
+
+def test_resume_refuses_another_world_size(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    assert run_cli(*_args(mnist_root, out, "train.max_steps=2",
+                          "checkpoint.every_steps=2")).returncode == 0
+    proc = run_torchrun(2, *_args(mnist_root, out, "checkpoint.resume=true"))
+    assert proc.returncode != 0
+    assert "written by world_size 1, this launch has 2" in proc.stderr
