@@ -403,6 +403,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} is not one of 0|1|2|3")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values")
+    if (cfg.optim.name in ("lars", "lamb") and cfg.engine.name == "deepspeed"
+            and cfg.engine.zero_stage >= 1):
+        # ZeRO flattens and partitions parameters: a per-tensor trust ratio would be computed
+        # per partition, which silently changes the algorithm.
+        raise ConfigError(f"optim.name={cfg.optim.name} needs whole parameter tensors; "
+                          f"engine.zero_stage={cfg.engine.zero_stage} partitions them (use 0)")
     from largebatch.optim.schedules import check_schedule  # local: schedules imports config
     check_schedule(cfg.schedule)
 

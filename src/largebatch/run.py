@@ -15,6 +15,7 @@ from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data import build_eval_loader, build_train_loader, mnist_size
 from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
 from largebatch.engines import Engine, build_engine
+from largebatch.launch_check import check_launch
 from largebatch.metrics import MetricsLogger, check_wandb_online, write_json_atomic
 from largebatch.models import build_model
 from largebatch.optim import build_optimizer
@@ -40,7 +41,9 @@ def check_world_size(cfg: Config, denv: DistEnv) -> None:
 
 def setup_runtime(cfg: Config, denv: Optional[DistEnv] = None) -> tuple[DistEnv, torch.device]:
     """Detect the launch, pick the device and create the process group (idempotent)."""
-    denv = denv or detect_launch()
+    if denv is None:
+        denv = detect_launch()
+        check_launch(denv)  # e.g. `accelerate launch --cpu --num_processes 2` started 1 process
     check_world_size(cfg, denv)
     device = pick_device(cfg.train.device, denv.local_rank)
     init_process_group(denv, device, cfg.engine.backend)
