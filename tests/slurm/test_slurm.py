@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from largebatch.dist import detect_launch
 from tests.conftest import REPO, cli_env, free_port
 
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
-MAX_STEPS = 5
+MAX_STEPS = 120
 JOB_TIMEOUT = 240
 
 
@@ -127,13 +128,15 @@ def preempted(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
     """
     tmp = tmp_path_factory.mktemp("preempted")
     job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp / "run"), LARGEBATCH_LAUNCH="srun",
+                 *train_args(mnist_root, tmp / "run"), f"checkpoint.dir={tmp}/ck",
+                 "checkpoint.resume=true", LARGEBATCH_LAUNCH="srun",
                  MASTER_PORT=str(free_port()))
-    deadline = time.monotonic() + 60
-    while f"{job}.0" not in cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i",
-                                        check=False).stdout:
-        assert time.monotonic() < deadline, f"step of job {job} never started"
-        time.sleep(0.2)
+    # Signal mid-training (not during start-up): the workers checkpoint at one common step.
+    metrics = tmp / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 5:
+        assert time.monotonic() < deadline, f"job {job} never started training"
+        time.sleep(0.05)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     return Job(job, tmp / "run", tmp / f"job-{job}.out")
 
@@ -194,6 +197,11 @@ def test_usr1_requeues_and_srun_form_matches_torchrun_form(cluster: Cluster, pre
     text = preempted.log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
     assert "requeueing job" in text and "restart 1" in text
+    # largebatch's side of the hand-off: checkpoint on USR1, resume after the requeue.
+    resumed_at = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert resumed_at and 5 <= int(resumed_at.group(1)) < MAX_STEPS, text[-3000:]
+    records = [json.loads(line) for line in (preempted.out_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, MAX_STEPS + 1))
     assert_summary(preempted.out_dir, preempted.log)
     # Same seed, data and world size: one task per rank under srun trains exactly like torchrun.
     ref = torch.load(torchrun_job.out_dir / "model.pt", weights_only=True)["model"]
