@@ -113,8 +113,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_process_group(denv: DistEnv, device: torch.device, backend: str = "auto") -> None:
-    """Create the default process group for a multi-rank launch (no-op for one rank)."""
-    if not denv.is_distributed or torch_dist.is_initialized():
+    """Create the default process group for any launched job (torchrun/srun), even of one rank.
+
+    A one-rank launch still gets a group so that ``engine.name=ddp`` works at world 1 (DDP
+    needs one); only an unlaunched process (the embedded default) runs without.
+    """
+    if denv.launcher == "none" or torch_dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -80,7 +80,10 @@ class MemoryLoader:
         stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
         for start in range(0, stop, self.batch_size):
             sel = idx[start:start + self.batch_size]
-            yield normalize_uint8(self.images[sel]), self.labels[sel]
+            # index_select, not images[sel]: on CPU advanced indexing of a 3-D uint8 tensor
+            # is 5-13x slower (0.5 ms vs 0.1 ms at batch 600, 13 ms vs 1 ms at 6000).
+            yield (normalize_uint8(self.images.index_select(0, sel)),
+                   self.labels.index_select(0, sel))
 
 
 class TorchLoader:
