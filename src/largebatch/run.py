@@ -73,7 +73,7 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     # offset so dropout masks differ across ranks like they would across samples.
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
-    engine = build_engine(cfg, denv, device)
+    engine = build_engine(cfg, denv, device, plan)
     optimizer = build_optimizer(cfg.optim, model, lr=plan.peak_lr)
     engine.setup(model, optimizer)
     seed_everything(cfg.train.seed + 1000 * denv.rank)

@@ -86,6 +86,7 @@ class Trainer:
         self.state = RunState()
         self.timer = Timer()
         self.stop_requested = False  # set by a signal handler (pre-emption): save, then stop
+        self._over_budget = self._preempted = False
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
 
@@ -183,13 +184,13 @@ class Trainer:
         s = self.state
         if s.diverged:
             return "diverged"
-        if self._stop_requested_anywhere():
+        if self._preempted:
             return "preempted"
         if t.stop_at_target and s.reached_target:
             return "target_reached"
         if t.max_steps and s.step >= t.max_steps:
             return "max_steps"
-        if t.time_budget_s and s.train_time_s >= t.time_budget_s:
+        if self._over_budget:
             return "time_budget"
         if self._epoch_progress() >= t.epochs - 1e-9:
             return "epochs"
@@ -201,14 +202,18 @@ class Trainer:
             return self.state.samples // every > self.state.last_eval_mark // every
         return self.state.consumed == self._epoch_micro  # epoch end
 
-    def _stop_requested_anywhere(self) -> bool:
-        """True when any rank got the stop signal (all ranks must stop at the same step)."""
-        if self.checkpointer is None:
-            return False
-        flag = float(self.stop_requested)
+    def _agree_on_stop_flags(self, loss: float) -> None:
+        """Divergence, time budget and pre-emption are rank-local facts; every rank must act
+        on them at the same step (else one waits forever in the next all-reduce), so they are
+        max-reduced: one tiny collective per step, only when distributed."""
+        t, s = self.cfg.train, self.state
+        flags = [float(not math.isfinite(loss) or loss > t.max_loss),
+                 float(bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s),
+                 float(self.stop_requested and self.checkpointer is not None)]
         if self.engine.world_size > 1:
-            (flag,) = self.engine.reduce_scalars([flag], op="max")
-        return flag > 0
+            flags = self.engine.reduce_scalars(flags, op="max")
+        s.diverged = s.diverged or flags[0] > 0
+        self._over_budget, self._preempted = flags[1] > 0, flags[2] > 0
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint.every_steps
@@ -239,8 +244,7 @@ class Trainer:
             s.step += 1
             s.samples += window * self.engine.world_size
             s.last_loss = loss
-            if not math.isfinite(loss) or loss > self.cfg.train.max_loss:
-                s.diverged = True
+            self._agree_on_stop_flags(loss)
             if s.step % self.cfg.log.every_steps == 0 or s.diverged:
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,

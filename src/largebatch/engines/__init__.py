@@ -6,6 +6,7 @@ import torch
 from largebatch.config import Config, ConfigError
 from largebatch.dist import DistEnv
 from largebatch.engines.base import Engine
+from largebatch.plan import BatchPlan
 
 
 def resolve_engine_name(name: str, denv: DistEnv) -> str:
@@ -18,7 +19,7 @@ def resolve_engine_name(name: str, denv: DistEnv) -> str:
     return name
 
 
-def build_engine(cfg: Config, denv: DistEnv, device: torch.device) -> Engine:
+def build_engine(cfg: Config, denv: DistEnv, device: torch.device, plan: BatchPlan) -> Engine:
     """Instantiate the configured engine (DeepSpeed is imported only when asked for)."""
     name = resolve_engine_name(cfg.engine.name, denv)
     kwargs = dict(precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip)
@@ -30,7 +31,7 @@ def build_engine(cfg: Config, denv: DistEnv, device: torch.device) -> Engine:
         return DDPEngine(denv, device, **kwargs)
     if name == "deepspeed":
         from largebatch.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(denv, device, cfg=cfg, **kwargs)
+        return DeepSpeedEngine(denv, device, cfg=cfg, plan=plan, **kwargs)
     raise ConfigError(f"engine.name={name!r} is not one of auto|single|ddp|deepspeed")
 
 

@@ -1,0 +1,17 @@
+"""The MNIST batch-size study: ``largebatch study CONFIG [key=value...]``.
+
+``runner`` trains every arm (recipe) over the batch-size sweep and measures it; ``report``
+turns the rows into CSV/JSON, PNG figures and ``study.md`` with the claims judged from the
+numbers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["run_study"]
+
+
+def run_study(*args: Any, **kwargs: Any) -> list[dict]:
+    """Run the study (see ``largebatch.study.runner.run_study``); imports torch lazily."""
+    from largebatch.study.runner import run_study as _run_study
+    return _run_study(*args, **kwargs)

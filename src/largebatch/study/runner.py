@@ -1,0 +1,446 @@
+"""Run the batch-size study: every arm (recipe) over the batch-size sweep, measured, reported.
+
+For each arm and batch size B the study makes, through ``largebatch.run.train`` (the very
+trainer a user runs), two kinds of runs:
+
+* one **convergence run** with the arm's own loader: at most ``study.max_epochs`` epochs and
+  ``study.budget_s`` seconds of training time (evaluation excluded), stopping at
+  ``train.target_acc``. It gives the loss of every iteration, time / updates / epochs to the
+  target, and divergence (the trainer stops on a non-finite or exploding loss);
+* one **timing pass per loader** in ``study.loaders``: a capped number of steps (at least
+  ``TIMING_SAMPLES`` samples and ``TIMING_MIN_STEPS`` steps, at most one epoch) without a
+  progress bar or per-step logging, extrapolated to a whole epoch. Training every batch size
+  to the target with both loaders would double the cost for the same convergence numbers.
+
+Config precedence for one run: defaults < study config < arm config file < arm overrides <
+command-line overrides < the sweep's own keys (batch size, epochs, budget, target, eval
+cadence, output directory). Every run's config is built and its batch plan checked before
+the first one trains, so a bad arm fails in seconds, not after an hour.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from largebatch.config import ArmConfig, Config, ConfigError, load_config, to_dict
+from largebatch.dist import DistEnv, detect_launch
+from largebatch.plan import BatchPlan
+
+# Timing passes: enough samples that the first (slow) step is noise, capped at one epoch.
+TIMING_SAMPLES = 6000
+TIMING_MIN_STEPS = 5
+TIMING_TEST_SUBSET = 100  # the timing pass's final evaluation is excluded anyway: keep it cheap
+
+# Quick mode (tests, smoke runs): a data subset, the mid-size batches, two short epochs.
+QUICK_SUBSET = 6000
+QUICK_TEST_SUBSET = 1000
+QUICK_TIMING_SAMPLES = 1200  # a fifth of the subset's epoch, extrapolated like the full study
+QUICK_MAX_EPOCHS = 2.0
+QUICK_BUDGET_S = 30.0
+QUICK_TARGET = 0.90  # 98% is out of reach on a 6000-sample subset in two epochs
+QUICK_EVALS_PER_EPOCH = 5
+QUICK_FALLBACK_SIZES = [6, 60, 600]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What the study runs: batch sizes (and the ones skipped, with why), caps and cadence."""
+
+    batch_sizes: list[int]
+    skipped: dict[int, str]
+    max_epochs: float
+    budget_s: float
+    target_acc: float
+    eval_every_samples: int
+    subset: int
+    test_subset: int
+    loaders: list[str]
+    loss_iters: int
+    quick: bool
+    timing_samples: int = TIMING_SAMPLES
+
+
+@dataclass
+class RunSpec:
+    """The configs of one (arm, batch size): the convergence run and the timing passes."""
+
+    arm: str
+    batch_size: int
+    train_cfg: Config
+    plan: BatchPlan
+    timing_cfgs: dict[str, Config] = field(default_factory=dict)
+
+
+def make_sweep(cfg: Config, world_size: int) -> Sweep:
+    """The sweep for this launch: quick-mode reductions and world-size divisibility applied."""
+    st = cfg.study
+    sizes = list(dict.fromkeys(st.batch_sizes))  # keep order, drop repeats
+    if not sizes:
+        raise ConfigError("study.batch_sizes is empty; give at least one batch size")
+    bad = [b for b in sizes if b < 1]
+    if bad:
+        raise ConfigError(f"study.batch_sizes={st.batch_sizes}: {bad} must be positive integers")
+    for key, value in (("study.max_epochs", st.max_epochs), ("study.loss_iters", st.loss_iters)):
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if st.budget_s < 0:
+        raise ConfigError(f"study.budget_s={st.budget_s} must be >= 0 (0 = no budget)")
+    if not st.arms:
+        raise ConfigError("study.arms is empty; give at least one arm")
+    loaders = list(dict.fromkeys(st.loaders))
+    if not loaders:
+        raise ConfigError("study.loaders is empty; give memory and/or torch (Claim A's timings)")
+    for loader in loaders:
+        if loader not in ("memory", "torch"):
+            raise ConfigError(f"study.loaders: {loader!r} is not one of memory|torch")
+    subset, test_subset = cfg.data.subset, cfg.data.test_subset
+    max_epochs, budget, target = st.max_epochs, st.budget_s, cfg.train.target_acc
+    every = cfg.train.eval_every_samples
+    if st.quick:
+        subset = min(subset, QUICK_SUBSET) if subset else QUICK_SUBSET
+        test_subset = min(test_subset, QUICK_TEST_SUBSET) if test_subset else QUICK_TEST_SUBSET
+        sizes = [b for b in sizes if 1 < b <= subset // 10] or QUICK_FALLBACK_SIZES
+        max_epochs = min(max_epochs, QUICK_MAX_EPOCHS)
+        budget = min(budget, QUICK_BUDGET_S) if budget else 0.0  # 0 stays 'no budget'
+        target = min(target, QUICK_TARGET)
+        every = subset // QUICK_EVALS_PER_EPOCH
+    skipped = {b: f"batch size {b} is not divisible by world size {world_size}"
+               for b in sizes if b % world_size}
+    return Sweep(batch_sizes=sizes, skipped=skipped, max_epochs=max_epochs, budget_s=budget,
+                 target_acc=target, eval_every_samples=every, subset=subset,
+                 test_subset=test_subset, loaders=loaders, loss_iters=st.loss_iters,
+                 quick=st.quick,
+                 timing_samples=QUICK_TIMING_SAMPLES if st.quick else TIMING_SAMPLES)
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+
+def _set(mapping: dict, dotted: str, value: Any) -> None:
+    node = mapping
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def arm_file(arm: ArmConfig, config_dir: Path) -> Optional[Path]:
+    """The arm's config file, relative to the study config's folder (None: overrides only)."""
+    if not arm.config:
+        return None
+    path = Path(arm.config)
+    return path if path.is_absolute() else config_dir / path
+
+
+def arm_mapping(cfg: Config, arm: ArmConfig, config_dir: Path,
+                cli_overrides: list[str]) -> dict:
+    """The arm's config as a raw mapping: study config < arm file < arm overrides < CLI."""
+    cfg_arm = load_config(arm_file(arm, config_dir), list(arm.overrides) + list(cli_overrides),
+                          base=to_dict(cfg))
+    return to_dict(cfg_arm)
+
+
+def _common(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: Path) -> dict:
+    m = copy.deepcopy(mapping)
+    _set(m, "batch.global_size", batch_size)
+    _set(m, "batch.micro_size", batch_size // world_size)  # no accumulation: one micro per step
+    _set(m, "batch.accum_steps", None)
+    cap = m["batch"].get("max_global_size")
+    if cap is not None and cap < batch_size:
+        _set(m, "batch.max_global_size", batch_size)
+    _set(m, "data.subset", sweep.subset)
+    _set(m, "data.test_subset", sweep.test_subset)
+    _set(m, "train.max_steps", 0)
+    _set(m, "checkpoint.resume", False)
+    _set(m, "checkpoint.every_steps", 0)
+    _set(m, "log.out_dir", str(out))
+    return m
+
+
+def train_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int,
+                 out: Path) -> Config:
+    """The convergence run: epoch and time caps, the target, per-step loss logging."""
+    m = _common(mapping, sweep, batch_size, world_size, out)
+    _set(m, "train.epochs", sweep.max_epochs)
+    _set(m, "train.time_budget_s", sweep.budget_s)
+    _set(m, "train.target_acc", sweep.target_acc)
+    _set(m, "train.stop_at_target", sweep.target_acc > 0)
+    _set(m, "train.eval_every_samples", sweep.eval_every_samples)
+    _set(m, "log.every_steps", 1)  # the loss of every iteration (oscillation figure)
+    return load_config(base=m)
+
+
+def timing_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: Path,
+                  loader: str, steps: int) -> Config:
+    """A timing pass: ``steps`` optimizer steps with ``loader``, nothing else in the loop."""
+    m = _common(mapping, sweep, batch_size, world_size, out)
+    _set(m, "data.loader", loader)
+    test_subset = min(sweep.test_subset or TIMING_TEST_SUBSET, TIMING_TEST_SUBSET)
+    _set(m, "data.test_subset", test_subset)
+    _set(m, "train.epochs", 1.0)
+    _set(m, "train.max_steps", steps)
+    _set(m, "train.time_budget_s", 0.0)
+    _set(m, "train.target_acc", 0.0)
+    _set(m, "train.stop_at_target", False)
+    _set(m, "train.eval_every_samples", 0)
+    # Per-step JSON lines and a progress bar would be neither data nor compute time.
+    _set(m, "log.every_steps", 10 ** 9)
+    _set(m, "log.progress", False)
+    _set(m, "log.wandb.mode", "disabled")
+    return load_config(base=m)
+
+
+def timing_steps(plan: BatchPlan, samples: int = TIMING_SAMPLES) -> int:
+    """Steps of a timing pass: >= ``samples`` samples and TIMING_MIN_STEPS, <= one epoch."""
+    want = max(math.ceil(samples / plan.global_size), TIMING_MIN_STEPS)
+    return min(want, plan.steps_per_epoch)
+
+
+def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: list[str],
+                 out_dir: Path, world_size: int) -> tuple[list[RunSpec], list[str]]:
+    """Every run's config, plans checked up front. Returns (runs, notes on skipped arms)."""
+    from largebatch.run import plan_for
+    runs, notes = [], []
+    names = [a.name for a in cfg.study.arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study.arms: arm names must be unique, got {names}")
+    for arm in cfg.study.arms:
+        path = arm_file(arm, config_dir)
+        if path is not None and not path.is_file():
+            notes.append(f"arm '{arm.name}' skipped: its config file {path} does not exist")
+            continue
+        mapping = arm_mapping(cfg, arm, config_dir, cli_overrides)
+        for b in sweep.batch_sizes:
+            if b in sweep.skipped:
+                continue
+            run_dir = out_dir / arm.name / f"bs{b}"
+            train_cfg = train_config(mapping, sweep, b, world_size, run_dir)
+            spec = RunSpec(arm.name, b, train_cfg, plan_for(train_cfg, world_size))
+            steps = timing_steps(spec.plan, sweep.timing_samples)
+            for loader in sweep.loaders:
+                spec.timing_cfgs[loader] = timing_config(
+                    mapping, sweep, b, world_size, run_dir / f"timing_{loader}", loader, steps)
+            runs.append(spec)
+    return runs, notes
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``."""
+    with open(Path(out_dir) / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _num(value: Any) -> float:
+    """A number from a metrics field ('nan'/'inf' are written as strings); None -> nan."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def loss_oscillation(losses: list[float]) -> float:
+    """Mean absolute change of the loss between successive iterations (finite pairs only)."""
+    diffs = [abs(b - a) for a, b in zip(losses, losses[1:])
+             if math.isfinite(a) and math.isfinite(b)]
+    return sum(diffs) / len(diffs) if diffs else math.nan
+
+
+def timing_columns(records: list[dict[str, Any]], plan: BatchPlan, loader: str) -> dict:
+    """A timing pass's epoch record, extrapolated from the micro-batches run to a whole epoch."""
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    timed = sum(r["micro_batches"] for r in epochs)
+    if not timed:
+        raise RuntimeError(f"timing pass with loader {loader} ran no micro-batch")
+    scale = plan.micro_batches_per_epoch / timed
+    total = {k: sum(_num(r[k]) for r in epochs) * scale
+             for k in ("epoch_time_s", "data_time_s", "compute_time_s")}
+    return {f"{loader}_epoch_time_s": total["epoch_time_s"],
+            f"{loader}_data_time_s": total["data_time_s"],
+            f"{loader}_compute_time_s": total["compute_time_s"],
+            f"{loader}_timed_fraction": timed / plan.micro_batches_per_epoch}
+
+
+def outcome(summary: dict[str, Any], sweep: Sweep) -> str:
+    """How the convergence run ended, in words (honest about budgets)."""
+    if summary["reached_target"]:
+        return (f"reached {sweep.target_acc:.0%} in {summary['epochs_to_target']:.2f} epochs, "
+                f"{summary['time_to_target_s']:.1f} s")
+    reason = summary["stop_reason"]
+    if summary["diverged"]:
+        return f"diverged at step {summary['steps']} (epoch {summary['epochs_run']:.2f})"
+    if reason == "time_budget":
+        return f"not reached within budget ({sweep.budget_s:g} s)"
+    if reason == "epochs":
+        return f"not reached within {sweep.max_epochs:g} epochs"
+    if not sweep.target_acc:
+        return f"no target; stopped ({reason})"
+    return f"not reached ({reason})"
+
+
+def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
+                        spec: RunSpec, sweep: Sweep) -> tuple[dict, list[float], list[dict]]:
+    """Row fields of a convergence run, its first ``loss_iters`` losses and its eval curve."""
+    train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
+    losses = [_num(r["loss"]) for r in train[:sweep.loss_iters]]
+    evals = [{"step": r["step"], "epoch": r["epoch"], "samples": r["samples"],
+              "time_s": r["time_s"], "val_acc": _num(r["val_acc"]),
+              "val_loss": _num(r["val_loss"])} for r in records if r["kind"] == "eval"]
+    full = [r for r in records if r["kind"] == "epoch"
+            and r["micro_batches"] == spec.plan.micro_batches_per_epoch]
+    accs = [e["val_acc"] for e in evals if math.isfinite(e["val_acc"])]
+    cols = {
+        "arm": spec.arm, "batch_size": spec.batch_size, "status": "ran", "note": "",
+        "world_size": spec.plan.world_size, "micro_size": spec.plan.micro_size,
+        "lr": spec.plan.peak_lr, "steps_per_epoch": spec.plan.steps_per_epoch,
+        "epochs_run": summary["epochs_run"], "steps": summary["steps"],
+        "train_time_s": summary["train_time_s"], "wall_s": summary["wall_s"],
+        "run_epoch_time_s": (sum(r["epoch_time_s"] for r in full) / len(full)) if full
+        else math.nan,
+        "run_full_epochs": len(full),
+        "loss_osc_1000": loss_oscillation(losses), "loss_iters_used": len(losses),
+        "reached_target": bool(summary["reached_target"]),
+        "time_to_target_s": summary["time_to_target_s"],
+        "steps_to_target": summary["steps_to_target"],
+        "epochs_to_target": summary["epochs_to_target"],
+        "final_val_acc": _num(summary["final_val_acc"]),
+        "best_val_acc": max(accs) if accs else math.nan,
+        "final_val_loss": _num(summary["final_val_loss"]),
+        "final_lr": _num(summary.get("final_lr")),  # where a plateau arm left the LR
+        "diverged": bool(summary["diverged"]),
+        "diverged_step": summary["steps"] if summary["diverged"] else None,
+        "stop_reason": summary["stop_reason"], "outcome": outcome(summary, sweep),
+    }
+    return cols, losses, evals
+
+
+def primary_timing(row: dict, loader: str, loaders: list[str]) -> dict:
+    """The generic epoch/data/compute columns: the convergence run's loader when timed."""
+    src = loader if loader in loaders else loaders[0]
+    return {"epoch_time_s": row[f"{src}_epoch_time_s"], "data_time_s": row[f"{src}_data_time_s"],
+            "compute_time_s": row[f"{src}_compute_time_s"], "timing_loader": src}
+
+
+def skipped_row(arm: str, batch_size: int, note: str, world_size: int) -> dict:
+    """A row for a batch size the launch cannot run (reported, not silently dropped)."""
+    return {"arm": arm, "batch_size": batch_size, "status": "skipped", "note": note,
+            "world_size": world_size}
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+
+def run_one(spec: RunSpec, sweep: Sweep, denv: DistEnv) -> Optional[tuple[dict, list, list]]:
+    """Timing passes then the convergence run of one (arm, batch size); rank 0 gets the row."""
+    from largebatch.run import train
+    timing: dict[str, Any] = {}
+    for loader, tcfg in spec.timing_cfgs.items():
+        train(tcfg, denv=denv, quiet=True)
+        if denv.is_main:
+            timing.update(timing_columns(read_metrics(tcfg.log.out_dir), spec.plan, loader))
+    summary = train(spec.train_cfg, denv=denv, quiet=True)
+    if not denv.is_main:
+        return None
+    cols, losses, evals = convergence_columns(summary, read_metrics(spec.train_cfg.log.out_dir),
+                                              spec, sweep)
+    row = {**cols, **timing}
+    row.update(primary_timing(row, spec.train_cfg.data.loader, sweep.loaders))
+    return row, losses, evals
+
+
+def progress_line(index: int, total: int, row: dict, loaders: list[str]) -> str:
+    """The one line printed when an (arm, batch size) finishes."""
+    timing = "; ".join(f"{ld} epoch {row[f'{ld}_epoch_time_s']:.2f}s = data "
+                       f"{row[f'{ld}_data_time_s']:.2f} + compute {row[f'{ld}_compute_time_s']:.2f}"
+                       for ld in loaders)
+    return (f"[{index}/{total}] {row['arm']} bs {row['batch_size']}: {row['outcome']}; "
+            f"val_acc {row['final_val_acc']:.4f}; loss osc {row['loss_osc_1000']:.4f}; "
+            f"{timing}; wall {row['wall_s']:.1f}s")
+
+
+def command_line(config_path: Optional[str], overrides: list[str], world_size: int) -> str:
+    """The command that reproduces this study (torchrun when it ran on several ranks)."""
+    launcher = (f"torchrun --nproc_per_node={world_size} -m largebatch" if world_size > 1
+                else "largebatch")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    env = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    args = shlex.join([str(config_path or "<config>"), *overrides])  # copy-paste safe
+    return " ".join(env + [launcher, "study", args])
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_study(cfg: Config, config_path: Optional[str] = None,
+              overrides: Optional[list[str]] = None,
+              denv: Optional[DistEnv] = None) -> list[dict]:
+    """Run every arm over the sweep and write the report to ``cfg.log.out_dir`` (rank 0).
+
+    Args:
+        cfg: the study config (with CLI overrides applied).
+        config_path: the study config file; arm config files are relative to its folder.
+        overrides: the command-line overrides; re-applied over each arm's file.
+        denv: the launch (default: detected; under torchrun every rank runs every run).
+
+    Returns:
+        The report rows on rank 0 (one per arm x batch size), an empty list on other ranks.
+    """
+    start = time.perf_counter()
+    overrides = list(overrides or [])
+    denv = denv or detect_launch()
+    sweep = make_sweep(cfg, denv.world_size)
+    out_dir = Path(cfg.log.out_dir)
+    config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
+    specs, notes = prepare_runs(cfg, sweep, config_dir, overrides, out_dir, denv.world_size)
+    if not specs:
+        raise ConfigError(f"study: nothing to run (batch sizes {sweep.batch_sizes}, skipped: "
+                          f"{sweep.skipped or 'none'}; {'; '.join(notes) or 'no arm'})")
+    say = (lambda text: print(text, flush=True)) if denv.is_main else (lambda text: None)
+    for note in notes:
+        say(f"study: {note}")
+    say(f"study: {len(specs)} runs ({', '.join(dict.fromkeys(s.arm for s in specs))} x batch "
+        f"sizes {[b for b in sweep.batch_sizes if b not in sweep.skipped]}), world size "
+        f"{denv.world_size}, output {out_dir}")
+    rows, curves, evals = [], {}, {}
+    for i, spec in enumerate(specs, 1):
+        result = run_one(spec, sweep, denv)
+        if result is None:
+            continue
+        row, losses, ev = result
+        rows.append(row)
+        curves.setdefault(spec.arm, {})[str(spec.batch_size)] = losses
+        evals.setdefault(spec.arm, {})[str(spec.batch_size)] = ev
+        say(progress_line(i, len(specs), row, sweep.loaders))
+    if not denv.is_main:
+        return []
+    arms = list(dict.fromkeys(s.arm for s in specs))
+    for b, why in sweep.skipped.items():
+        rows += [skipped_row(arm, b, why, denv.world_size) for arm in arms]
+    rows.sort(key=lambda r: (arms.index(r["arm"]), r["batch_size"]))
+    meta = {"command": command_line(config_path, overrides, denv.world_size),
+            "wall_s": time.perf_counter() - start, "world_size": denv.world_size,
+            "sweep": dict(sweep.__dict__),
+            "timing": {"samples": sweep.timing_samples, "min_steps": TIMING_MIN_STEPS},
+            "notes": notes, "environment": environment(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from largebatch.study.report import write_report
+    paths = write_report(out_dir, rows, curves, evals, meta)
+    say(f"study: done in {meta['wall_s']:.0f} s; report {paths['md']}")
+    return rows

@@ -1,0 +1,300 @@
+"""The batch-size study: quick mode end to end on the real MNIST, plus the pure logic.
+
+One quick study (seed arm, batch sizes 6/60/600 on a 6000-sample subset, both loaders) runs
+once per module as a real ``python -m largebatch study`` process; every number in its report
+is checked against the raw records of the runs it made (metrics.jsonl, summary.json).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from largebatch.config import ConfigError, load_config
+from largebatch.study import report
+from largebatch.study.runner import (loss_oscillation, make_sweep, prepare_runs,
+                                     timing_steps)
+from tests.conftest import CONFIGS, run_cli, run_torchrun
+
+STUDY = CONFIGS / "mnist" / "study.yaml"
+REQUIRED = ["arm", "batch_size", "lr", "epochs_run", "epoch_time_s", "data_time_s",
+            "compute_time_s", "loss_osc_1000", "reached_target", "time_to_target_s",
+            "steps_to_target", "epochs_to_target", "final_val_acc", "diverged"]
+LOADER_COLS = [f"{ld}_{k}" for ld in ("torch", "memory")
+               for k in ("epoch_time_s", "data_time_s", "compute_time_s")]
+ALWAYS_FINITE = ["lr", "epochs_run", "epoch_time_s", "data_time_s", "compute_time_s",
+                 "loss_osc_1000", "final_val_acc", "train_time_s"] + LOADER_COLS
+SEED_ONLY = "study.arms=[{name: seed, config: seed.yaml}]"
+
+
+def _data_args(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.download=false"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, mnist_root):
+    """One quick study; returns (out_dir, stdout, rows from study.csv, study.json)."""
+    out = tmp_path_factory.mktemp("study")
+    proc = run_cli("study", str(STUDY), "study.quick=true", SEED_ONLY, *_data_args(mnist_root),
+                   f"log.out_dir={out}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "study.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return out, proc.stdout, rows, json.loads((out / "study.json").read_text())
+
+
+def _f(row: dict, key: str) -> float:
+    return float(row[key]) if row[key] != "" else math.nan
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- quick study end to end ------------------------------------------------------------------
+
+
+def test_files_columns_and_progress(quick):
+    out, stdout, rows, js = quick
+    for name in ("study.csv", "study.json", "study.md", "loss_curves.json", "eval_curves.json"):
+        assert (out / name).is_file(), name
+    assert set(REQUIRED + LOADER_COLS) <= set(rows[0])
+    assert [(r["arm"], int(r["batch_size"])) for r in rows] == [("seed", 6), ("seed", 60),
+                                                               ("seed", 600)]
+    for r in rows:
+        for key in ALWAYS_FINITE:
+            assert math.isfinite(_f(r, key)), (r["batch_size"], key, r[key])
+        reached = r["reached_target"] == "True"
+        for key in ("time_to_target_s", "steps_to_target", "epochs_to_target"):
+            assert math.isfinite(_f(r, key)) == reached, (r["batch_size"], key)
+        assert r["diverged"] == "False" and r["status"] == "ran"
+        assert float(r["lr"]) == 0.02 and float(r["epochs_run"]) <= 2.0 + 1e-9
+    # study.json holds the same rows; one progress line per (arm, batch size), in order.
+    assert [row["batch_size"] for row in js["rows"]] == [6, 60, 600]
+    assert js["rows"][1]["final_val_acc"] == pytest.approx(float(rows[1]["final_val_acc"]))
+    lines = [ln for ln in stdout.splitlines() if re.match(r"\[\d/3\] seed bs \d+:", ln)]
+    assert [ln.split()[3].rstrip(":") for ln in lines] == ["6", "60", "600"]
+
+
+def test_rows_match_the_runs_records(quick):
+    out, _, rows, _ = quick
+    curves = json.loads((out / "loss_curves.json").read_text())["seed"]
+    for r in rows:
+        b = int(r["batch_size"])
+        recs = _records(out / "seed" / f"bs{b}")
+        losses = [x["loss"] for x in recs if x["kind"] == "train"][:1000]
+        assert curves[str(b)] == pytest.approx(losses)
+        assert float(r["loss_osc_1000"]) == pytest.approx(np.abs(np.diff(losses)).mean())
+        evals = [x for x in recs if x["kind"] == "eval"]
+        assert float(r["final_val_acc"]) == pytest.approx(evals[-1]["val_acc"])
+        hit = next((e for e in evals if e["val_acc"] >= 0.9), None)
+        assert (r["reached_target"] == "True") == (hit is not None)
+        if hit:
+            assert float(r["time_to_target_s"]) == pytest.approx(hit["time_s"])
+            assert int(r["steps_to_target"]) == hit["step"]
+            assert float(r["epochs_to_target"]) == pytest.approx(hit["step"] * b / 6000)
+        # The timing columns are the timing pass's epoch record scaled to a whole epoch.
+        for loader in ("torch", "memory"):
+            (ep,) = [x for x in _records(out / "seed" / f"bs{b}" / f"timing_{loader}")
+                     if x["kind"] == "epoch"]
+            scale = (6000 // b) / ep["micro_batches"]
+            assert float(r[f"{loader}_epoch_time_s"]) == pytest.approx(ep["epoch_time_s"] * scale)
+            assert float(r[f"{loader}_data_time_s"]) == pytest.approx(ep["data_time_s"] * scale)
+        assert float(r["epoch_time_s"]) == pytest.approx(float(r["memory_epoch_time_s"]))
+
+
+def test_oscillation_falls_with_batch_size(quick):
+    _, _, rows, _ = quick
+    osc = [float(r["loss_osc_1000"]) for r in rows]
+    assert all(a > b for a, b in zip(osc, osc[1:])), osc
+
+
+def test_data_plus_compute_is_the_epoch_time(quick):
+    _, _, rows, _ = quick
+    for r in rows:
+        for loader in ("torch", "memory"):
+            epoch = float(r[f"{loader}_epoch_time_s"])
+            data, compute = float(r[f"{loader}_data_time_s"]), float(r[f"{loader}_compute_time_s"])
+            assert data > 0 and compute > 0
+            assert abs(data + compute - epoch) <= 0.05 * epoch, (r["batch_size"], loader)
+
+
+def test_figures_are_valid_pngs(quick):
+    import matplotlib.image as mpimg
+    out = quick[0]
+    for name in ("epoch_time.png", "loss_first_1000.png", "time_to_target.png", "accuracy.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        img = mpimg.imread(out / name)
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01, name
+
+
+def test_study_md_states_each_verdict(quick):
+    out, _, _, js = quick
+    md = (out / "study.md").read_text()
+    recomputed = report.verdicts(js["rows"], ["torch", "memory"], 0.9)
+    for v in recomputed:
+        pattern = (rf"### Claim {v.claim} \(\w+\): "
+                   r"\*\*(holds|partly holds|does not hold|not tested)\*\*")
+        match = re.search(pattern, md)
+        assert match and match.group(1) == v.verdict, v.claim
+    assert "batch 1 is not in this sweep" in md  # quick mode says what it did not test
+    assert "Total wall time" in md and "largebatch study" in md and "study.quick=true" in md
+    for name in ("epoch_time.png", "loss_first_1000.png", "time_to_target.png"):
+        assert f"]({name})" in md
+
+
+# ---- pure logic ------------------------------------------------------------------------------
+
+
+def _row(b: int, **kw) -> dict:
+    """A synthetic 'ran' row where, by default, every claim holds."""
+    table = {  # epochs_to_target None: not reached
+        1: dict(osc=1.0, tt=None, et=None, er=3.0, div=True),
+        6: dict(osc=0.5, tt=30.0, et=1.2, er=1.2, div=False),
+        60: dict(osc=0.2, tt=20.0, et=2.0, er=2.0, div=False),
+        600: dict(osc=0.05, tt=80.0, et=12.0, er=12.0, div=False),
+        6000: dict(osc=0.01, tt=None, et=None, er=20.0, div=False),
+    }[b]
+    compute = {1: 70.0, 6: 14.0, 60: 4.5, 600: 3.5, 6000: 3.3}[b]
+    data = {1: 9.0, 6: 3.0, 60: 2.5, 600: 4.0, 6000: 5.0}[b]  # torch loader; dominates at 600
+    reached = table["et"] is not None
+    row = {"arm": "seed", "batch_size": b, "status": "ran", "lr": 0.02,
+           "loss_osc_1000": table["osc"], "loss_iters_used": 1000, "reached_target": reached,
+           "time_to_target_s": table["tt"], "epochs_to_target": table["et"],
+           "steps_to_target": int(table["et"] * 60000 / b) if reached else None,
+           "epochs_run": table["er"], "steps": int(table["er"] * 60000 / b),
+           "diverged": table["div"], "diverged_step": 150000 if table["div"] else None,
+           "best_val_acc": 0.97, "outcome": "synthetic", "train_time_s": 100.0,
+           "torch_epoch_time_s": compute + data, "torch_data_time_s": data,
+           "torch_compute_time_s": compute, "memory_epoch_time_s": compute + 0.1,
+           "memory_data_time_s": 0.1, "memory_compute_time_s": compute}
+    row.update(kw)
+    return row
+
+
+SIZES = [1, 6, 60, 600, 6000]
+
+
+def _judge(rows: list[dict]) -> dict[str, report.Verdict]:
+    return {v.claim: v for v in report.verdicts(rows, ["torch", "memory"], 0.98)}
+
+
+def test_verdicts_hold_on_rows_that_show_the_claims():
+    v = _judge([_row(b) for b in SIZES])
+    assert {c: v[c].verdict for c in "ABC"} == {c: report.HOLDS for c in "ABC"}
+    assert "loading dominates from bs 600" in v["A"].parts[0][2]
+    assert "fastest bs 60" in v["C"].parts[0][2]
+    assert "20.00 epochs" in v["C"].parts[2][2]  # the large batch's lower bound is quoted
+
+
+def test_verdicts_fail_with_the_numbers_that_broke_them():
+    rows = [_row(1, diverged=False, diverged_step=None),
+            _row(6), _row(60, loss_osc_1000=0.6),                      # oscillation rises
+            _row(600, time_to_target_s=10.0, memory_compute_time_s=5.0),  # fastest; compute up
+            _row(6000)]
+    v = _judge(rows)
+    assert v["B"].verdict == report.FAILS
+    assert "does not fall from bs 6 to bs 60" in v["B"].parts[0][2]
+    assert "no blow-up" in v["B"].parts[1][2]
+    assert v["C"].parts[0][1] == report.FAILS and "fastest bs 600" in v["C"].parts[0][2]
+    assert v["C"].verdict == report.PARTLY  # batch 1 still misses, batch 6000 still slow
+    memory_compute = [p for p in v["A"].parts if p[0].startswith("pure compute")][1]
+    assert memory_compute[1] == report.FAILS
+    assert "4.5 s (bs 60) to 5 s (bs 600)" in memory_compute[2]
+    assert v["A"].verdict == report.PARTLY
+
+
+def test_untested_parts_and_a_large_batch_cut_short():
+    rows = [_row(b) for b in (6, 60, 600)]
+    rows[2].update(reached_target=False, epochs_to_target=None, time_to_target_s=None,
+                   epochs_run=3.0)  # stopped before 2x the fastest's 2 epochs
+    v = _judge(rows)
+    assert v["B"].parts[1][1] == report.UNTESTED and v["B"].verdict == report.HOLDS
+    assert [p[1] for p in v["C"].parts] == [report.HOLDS, report.UNTESTED, report.UNTESTED]
+    assert report.Verdict("X", "t", "s").verdict == report.UNTESTED
+
+
+def test_loss_oscillation_against_numpy():
+    rng = np.random.default_rng(0)
+    losses = rng.random(50).tolist()
+    assert loss_oscillation(losses) == pytest.approx(np.abs(np.diff(losses)).mean())
+    assert loss_oscillation([1.0, float("inf"), 2.0, 2.5]) == pytest.approx(0.5)
+    assert math.isnan(loss_oscillation([1.0]))
+
+
+def test_sweep_quick_mode_and_world_size():
+    cfg = load_config(STUDY, ["study.quick=true"])
+    sw = make_sweep(cfg, world_size=1)
+    assert (sw.batch_sizes, sw.subset, sw.max_epochs, sw.target_acc) == ([6, 60, 600], 6000, 2.0,
+                                                                         0.9)
+    assert sw.eval_every_samples == 1200 and sw.timing_samples == 1200 and sw.skipped == {}
+    sw4 = make_sweep(load_config(STUDY), world_size=4)
+    assert sw4.batch_sizes == [1, 6, 60, 600, 6000]
+    assert set(sw4.skipped) == {1, 6} and "not divisible by world size 4" in sw4.skipped[6]
+    for bad, msg in (("study.batch_sizes=[]", "study.batch_sizes is empty"),
+                     ("study.batch_sizes=[0, 6]", "must be positive"),
+                     ("study.loaders=[disk]", "'disk' is not one of memory|torch")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            make_sweep(load_config(STUDY, [bad]), 1)
+
+
+def test_arm_configs_precedence_and_timing_caps(tmp_path):
+    (tmp_path / "arm.yaml").write_text("optim: {lr: 0.5, momentum: 0.9}\n"
+                                       "data: {root: from_arm, loader: torch}\n"
+                                       "batch: {global_size: 8, accum_steps: 2}\n")
+    (tmp_path / "study.yaml").write_text(
+        "data: {root: from_study}\ntrain: {target_acc: 0.98, eval_every_samples: 12000}\n"
+        "study:\n  batch_sizes: [1, 60, 6000]\n  max_epochs: 7\n  budget_s: 11\n  arms:\n"
+        "    - {name: a, config: arm.yaml, overrides: [optim.lr=0.25]}\n"
+        "    - {name: gone, config: missing.yaml}\n")
+    cli = ["data.root=from_cli", "data.download=false"]
+    cfg = load_config(tmp_path / "study.yaml", cli)
+    runs, notes = prepare_runs(cfg, make_sweep(cfg, 2), tmp_path, cli, tmp_path / "out", 2)
+    assert notes == [f"arm 'gone' skipped: its config file {tmp_path / 'missing.yaml'} does not "
+                     f"exist"]
+    assert [(r.arm, r.batch_size) for r in runs] == [("a", 60), ("a", 6000)]  # 1: odd for 2 ranks
+    c = runs[0].train_cfg
+    assert (c.optim.lr, c.optim.momentum, c.data.root, c.data.loader) == (0.25, 0.9, "from_cli",
+                                                                         "torch")
+    assert (c.batch.global_size, c.batch.micro_size, runs[0].plan.accum_steps) == (60, 30, 1)
+    assert (c.train.epochs, c.train.time_budget_s, c.train.eval_every_samples) == (7.0, 11.0,
+                                                                                  12000)
+    assert c.train.stop_at_target and c.log.every_steps == 1
+    assert c.log.out_dir == str(tmp_path / "out" / "a" / "bs60")
+    t = runs[1].timing_cfgs["memory"]
+    assert (t.data.loader, t.train.max_steps, t.log.progress, t.train.target_acc) == ("memory", 5,
+                                                                                      False, 0.0)
+    assert timing_steps(runs[0].plan) == 100  # 6000 samples at 60 = 100 steps (of 1000)
+
+
+def test_prepare_fails_fast_on_a_bad_arm(tmp_path):
+    cfg = load_config(STUDY, ["study.arms=[{name: x, overrides: [optim.lr=-1]}]"])
+    with pytest.raises(ConfigError, match="optim.lr=-1"):
+        prepare_runs(cfg, make_sweep(cfg, 1), STUDY.parent, [], tmp_path, 1)
+
+
+# ---- torchrun --------------------------------------------------------------------------------
+
+
+def test_study_under_torchrun_two_ranks(tmp_path, mnist_root):
+    """World size 2: rank 0 alone writes; a batch size odd for 2 ranks is reported skipped."""
+    proc = run_torchrun(2, "study", str(STUDY), "study.quick=true", SEED_ONLY,
+                        "study.batch_sizes=[3, 600]", "study.loaders=[memory]",
+                        "study.budget_s=0", "log.progress=false", *_data_args(mnist_root),
+                        f"log.out_dir={tmp_path}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "study.csv") as fh:
+        rows = {int(r["batch_size"]): r for r in csv.DictReader(fh)}
+    assert rows[3]["status"] == "skipped" and "not divisible by world size 2" in rows[3]["note"]
+    for b in (600,):
+        assert (rows[b]["world_size"], rows[b]["micro_size"]) == ("2", str(b // 2))
+        assert int(rows[b]["steps_per_epoch"]) == 6000 // b
+        assert int(rows[b]["steps"]) == 2 * 6000 // b or rows[b]["reached_target"] == "True"
+    assert proc.stdout.count("] seed bs ") == 1  # only rank 0 prints
+    assert "torchrun --nproc_per_node=2" in (tmp_path / "study.md").read_text()
