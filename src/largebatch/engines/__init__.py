@@ -1,6 +1,8 @@
 """Engines: the trainer talks only to ``Engine``; ``build_engine`` picks one from the config."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from largebatch.config import Config, ConfigError
@@ -19,7 +21,8 @@ def resolve_engine_name(name: str, denv: DistEnv) -> str:
     return name
 
 
-def build_engine(cfg: Config, denv: DistEnv, device: torch.device, plan: BatchPlan) -> Engine:
+def build_engine(cfg: Config, denv: DistEnv, device: torch.device,
+                 plan: Optional[BatchPlan] = None) -> Engine:
     """Instantiate the configured engine (DeepSpeed is imported only when asked for)."""
     name = resolve_engine_name(cfg.engine.name, denv)
     kwargs = dict(precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip)
