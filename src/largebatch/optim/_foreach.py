@@ -8,7 +8,7 @@ update **once**, as multi-tensor ``torch._foreach_*`` ops over all tensors of a 
 group (one kernel per op and list on GPU, per-tensor norms via ``torch._foreach_norm``), and
 ``fused=True`` hands that same function to ``torch.compile``, which fuses the passes into a
 few loops: the fast path on CPU, where the step is memory-bound. Numbers:
-``benchmarks/bench_optim.py`` (results in ``docs/bench_optim.md``).
+``benchmarks/bench_optim.py`` (results in ``docs/BENCHMARKS.md``).
 
 The optimizer classes only gather tensors and per-step scalars into *parts* (one per parameter
 group and device/dtype) and call a pure update function on the list of parts, so eager and
