@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from largebatch.config import ConfigError, load_config
-from largebatch.study import report
-from largebatch.study.runner import (loss_oscillation, make_sweep, prepare_runs,
-                                     timing_steps)
+from largebatch.study import verdicts as claims
+from largebatch.study.measure import loss_oscillation
+from largebatch.study.runner import make_sweep, prepare_runs, timing_steps
 from tests.conftest import CONFIGS, run_cli, run_torchrun
 
 STUDY = CONFIGS / "mnist" / "study.yaml"
@@ -137,7 +137,7 @@ def test_figures_are_valid_pngs(quick):
 def test_study_md_states_each_verdict(quick):
     out, _, _, js = quick
     md = (out / "study.md").read_text()
-    recomputed = report.verdicts(js["rows"], ["torch", "memory"], 0.9)
+    recomputed = claims.verdicts(js["rows"], ["torch", "memory"], 0.9)
     for v in recomputed:
         pattern = (rf"### Claim {v.claim} \(\w+\): "
                    r"\*\*(holds|partly holds|does not hold|not tested)\*\*")
@@ -181,13 +181,13 @@ def _row(b: int, **kw) -> dict:
 SIZES = [1, 6, 60, 600, 6000]
 
 
-def _judge(rows: list[dict]) -> dict[str, report.Verdict]:
-    return {v.claim: v for v in report.verdicts(rows, ["torch", "memory"], 0.98)}
+def _judge(rows: list[dict]) -> dict[str, claims.Verdict]:
+    return {v.claim: v for v in claims.verdicts(rows, ["torch", "memory"], 0.98)}
 
 
 def test_verdicts_hold_on_rows_that_show_the_claims():
     v = _judge([_row(b) for b in SIZES])
-    assert {c: v[c].verdict for c in "ABC"} == {c: report.HOLDS for c in "ABC"}
+    assert {c: v[c].verdict for c in "ABC"} == {c: claims.HOLDS for c in "ABC"}
     assert "loading dominates from bs 600" in v["A"].parts[0][2]
     assert "fastest bs 60" in v["C"].parts[0][2]
     assert "20.00 epochs" in v["C"].parts[2][2]  # the large batch's lower bound is quoted
@@ -199,15 +199,15 @@ def test_verdicts_fail_with_the_numbers_that_broke_them():
             _row(600, time_to_target_s=10.0, memory_compute_time_s=5.0),  # fastest; compute up
             _row(6000)]
     v = _judge(rows)
-    assert v["B"].verdict == report.FAILS
+    assert v["B"].verdict == claims.FAILS
     assert "does not fall from bs 6 to bs 60" in v["B"].parts[0][2]
     assert "no blow-up" in v["B"].parts[1][2]
-    assert v["C"].parts[0][1] == report.FAILS and "fastest bs 600" in v["C"].parts[0][2]
-    assert v["C"].verdict == report.PARTLY  # batch 1 still misses, batch 6000 still slow
+    assert v["C"].parts[0][1] == claims.FAILS and "fastest bs 600" in v["C"].parts[0][2]
+    assert v["C"].verdict == claims.PARTLY  # batch 1 still misses, batch 6000 still slow
     memory_compute = [p for p in v["A"].parts if p[0].startswith("pure compute")][1]
-    assert memory_compute[1] == report.FAILS
+    assert memory_compute[1] == claims.FAILS
     assert "4.5 s (bs 60) to 5 s (bs 600)" in memory_compute[2]
-    assert v["A"].verdict == report.PARTLY
+    assert v["A"].verdict == claims.PARTLY
 
 
 def test_untested_parts_and_a_large_batch_cut_short():
@@ -215,9 +215,9 @@ def test_untested_parts_and_a_large_batch_cut_short():
     rows[2].update(reached_target=False, epochs_to_target=None, time_to_target_s=None,
                    epochs_run=3.0)  # stopped before 2x the fastest's 2 epochs
     v = _judge(rows)
-    assert v["B"].parts[1][1] == report.UNTESTED and v["B"].verdict == report.HOLDS
-    assert [p[1] for p in v["C"].parts] == [report.HOLDS, report.UNTESTED, report.UNTESTED]
-    assert report.Verdict("X", "t", "s").verdict == report.UNTESTED
+    assert v["B"].parts[1][1] == claims.UNTESTED and v["B"].verdict == claims.HOLDS
+    assert [p[1] for p in v["C"].parts] == [claims.HOLDS, claims.UNTESTED, claims.UNTESTED]
+    assert claims.Verdict("X", "t", "s").verdict == claims.UNTESTED
 
 
 def test_loss_oscillation_against_numpy():

@@ -1,8 +1,8 @@
 """The MNIST batch-size study: ``largebatch study CONFIG [key=value...]``.
 
-``runner`` trains every arm (recipe) over the batch-size sweep and measures it; ``report``
-turns the rows into CSV/JSON, PNG figures and ``study.md`` with the claims judged from the
-numbers.
+``runner`` trains every arm (recipe) over the batch-size sweep and ``measure`` turns each run's
+records into a report row; ``report`` writes the rows as CSV/JSON, the PNG ``figures`` and
+``study.md`` with the claims judged from the numbers (``verdicts``).
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ the first one trains, so a bad arm fails in seconds, not after an hour.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -35,6 +34,8 @@ import torch
 from largebatch.config import ArmConfig, Config, ConfigError, load_config, to_dict
 from largebatch.dist import DistEnv, detect_launch
 from largebatch.plan import BatchPlan
+from largebatch.study.measure import (convergence_columns, primary_timing, read_metrics,
+                                      skipped_row, timing_columns)
 
 # Timing passes: enough samples that the first (slow) step is noise, capped at one epoch.
 TIMING_SAMPLES = 6000
@@ -232,110 +233,6 @@ def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: lis
                     mapping, sweep, b, world_size, run_dir / f"timing_{loader}", loader, steps)
             runs.append(spec)
     return runs, notes
-
-
-# ---- measurements ----------------------------------------------------------------------------
-
-
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``."""
-    with open(Path(out_dir) / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _num(value: Any) -> float:
-    """A number from a metrics field ('nan'/'inf' are written as strings); None -> nan."""
-    if value is None:
-        return math.nan
-    return float(value)
-
-
-def loss_oscillation(losses: list[float]) -> float:
-    """Mean absolute change of the loss between successive iterations (finite pairs only)."""
-    diffs = [abs(b - a) for a, b in zip(losses, losses[1:])
-             if math.isfinite(a) and math.isfinite(b)]
-    return sum(diffs) / len(diffs) if diffs else math.nan
-
-
-def timing_columns(records: list[dict[str, Any]], plan: BatchPlan, loader: str) -> dict:
-    """A timing pass's epoch record, extrapolated from the micro-batches run to a whole epoch."""
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    timed = sum(r["micro_batches"] for r in epochs)
-    if not timed:
-        raise RuntimeError(f"timing pass with loader {loader} ran no micro-batch")
-    scale = plan.micro_batches_per_epoch / timed
-    total = {k: sum(_num(r[k]) for r in epochs) * scale
-             for k in ("epoch_time_s", "data_time_s", "compute_time_s")}
-    return {f"{loader}_epoch_time_s": total["epoch_time_s"],
-            f"{loader}_data_time_s": total["data_time_s"],
-            f"{loader}_compute_time_s": total["compute_time_s"],
-            f"{loader}_timed_fraction": timed / plan.micro_batches_per_epoch}
-
-
-def outcome(summary: dict[str, Any], sweep: Sweep) -> str:
-    """How the convergence run ended, in words (honest about budgets)."""
-    if summary["reached_target"]:
-        return (f"reached {sweep.target_acc:.0%} in {summary['epochs_to_target']:.2f} epochs, "
-                f"{summary['time_to_target_s']:.1f} s")
-    reason = summary["stop_reason"]
-    if summary["diverged"]:
-        return f"diverged at step {summary['steps']} (epoch {summary['epochs_run']:.2f})"
-    if reason == "time_budget":
-        return f"not reached within budget ({sweep.budget_s:g} s)"
-    if reason == "epochs":
-        return f"not reached within {sweep.max_epochs:g} epochs"
-    if not sweep.target_acc:
-        return f"no target; stopped ({reason})"
-    return f"not reached ({reason})"
-
-
-def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
-                        spec: RunSpec, sweep: Sweep) -> tuple[dict, list[float], list[dict]]:
-    """Row fields of a convergence run, its first ``loss_iters`` losses and its eval curve."""
-    train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
-    losses = [_num(r["loss"]) for r in train[:sweep.loss_iters]]
-    evals = [{"step": r["step"], "epoch": r["epoch"], "samples": r["samples"],
-              "time_s": r["time_s"], "val_acc": _num(r["val_acc"]),
-              "val_loss": _num(r["val_loss"])} for r in records if r["kind"] == "eval"]
-    full = [r for r in records if r["kind"] == "epoch"
-            and r["micro_batches"] == spec.plan.micro_batches_per_epoch]
-    accs = [e["val_acc"] for e in evals if math.isfinite(e["val_acc"])]
-    cols = {
-        "arm": spec.arm, "batch_size": spec.batch_size, "status": "ran", "note": "",
-        "world_size": spec.plan.world_size, "micro_size": spec.plan.micro_size,
-        "lr": spec.plan.peak_lr, "steps_per_epoch": spec.plan.steps_per_epoch,
-        "epochs_run": summary["epochs_run"], "steps": summary["steps"],
-        "train_time_s": summary["train_time_s"], "wall_s": summary["wall_s"],
-        "run_epoch_time_s": (sum(r["epoch_time_s"] for r in full) / len(full)) if full
-        else math.nan,
-        "run_full_epochs": len(full),
-        "loss_osc_1000": loss_oscillation(losses), "loss_iters_used": len(losses),
-        "reached_target": bool(summary["reached_target"]),
-        "time_to_target_s": summary["time_to_target_s"],
-        "steps_to_target": summary["steps_to_target"],
-        "epochs_to_target": summary["epochs_to_target"],
-        "final_val_acc": _num(summary["final_val_acc"]),
-        "best_val_acc": max(accs) if accs else math.nan,
-        "final_val_loss": _num(summary["final_val_loss"]),
-        "final_lr": _num(summary.get("final_lr")),  # where a plateau arm left the LR
-        "diverged": bool(summary["diverged"]),
-        "diverged_step": summary["steps"] if summary["diverged"] else None,
-        "stop_reason": summary["stop_reason"], "outcome": outcome(summary, sweep),
-    }
-    return cols, losses, evals
-
-
-def primary_timing(row: dict, loader: str, loaders: list[str]) -> dict:
-    """The generic epoch/data/compute columns: the convergence run's loader when timed."""
-    src = loader if loader in loaders else loaders[0]
-    return {"epoch_time_s": row[f"{src}_epoch_time_s"], "data_time_s": row[f"{src}_data_time_s"],
-            "compute_time_s": row[f"{src}_compute_time_s"], "timing_loader": src}
-
-
-def skipped_row(arm: str, batch_size: int, note: str, world_size: int) -> dict:
-    """A row for a batch size the launch cannot run (reported, not silently dropped)."""
-    return {"arm": arm, "batch_size": batch_size, "status": "skipped", "note": note,
-            "world_size": world_size}
 
 
 # ---- running ---------------------------------------------------------------------------------
