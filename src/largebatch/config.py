@@ -7,17 +7,16 @@ docstring in ``metadata["doc"]`` so ``largebatch`` can print what a key means.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import yaml
+from largebatch.config_io import (ConfigError, deep_merge, from_dict, get_key,
+                                  merge_overrides, parse_override, read_yaml, to_dict)
+from largebatch.config_io import describe as _describe
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: one line that names the key and the values."""
+__all__ = ["Config", "ConfigError", "describe", "from_dict", "get_key", "load_config",
+           "merge_overrides", "parse_override", "read_yaml", "to_dict", "validate"]
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -215,130 +214,12 @@ class Config:
     study: StudyConfig = doc("Study sweep.", factory=StudyConfig)
 
 
-# --------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type checks that name the offending key.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against type ``tp``; convert int->float; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known in this section: "
-                              f"{', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    """The config as plain dicts/lists (JSON and YAML safe)."""
-    return dataclasses.asdict(cfg)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{p}: invalid YAML ({first})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return data
-
-
-def parse_override(text: str) -> dict:
-    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}`` (value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    node: dict = {}
-    cur = node
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cur[part] = {}
-        cur = cur[part]
-    cur[parts[-1]] = value
-    return node
-
-
-def merge_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key=value`` overrides (in order) on top of a raw config mapping."""
-    for text in overrides:
-        data = _deep_merge(data, parse_override(text))
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Defaults, then ``base`` (raw mapping), then the YAML file, then CLI overrides."""
     data: dict = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
+        data = deep_merge(data, read_yaml(path))
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(Config, data)
     validate(cfg)
@@ -362,14 +243,6 @@ _CHOICES = {
     "engine.backend": ("auto", "gloo", "nccl"),
     "log.wandb.mode": ("disabled", "offline", "online"),
 }
-
-
-def get_key(cfg: Any, dotted: str) -> Any:
-    """Read a dotted key from a config object."""
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def validate(cfg: Config) -> None:
@@ -414,13 +287,5 @@ def validate(cfg: Config) -> None:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, doc) for every leaf key: the reference a user reads with ``--help``."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows += describe(hint, prefix + f.name + ".")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, default, f.metadata.get("doc", "")))
-    return rows
+    """(key, default, doc) for every leaf key: the reference ``largebatch keys`` prints."""
+    return _describe(cls, prefix)

@@ -16,7 +16,7 @@ from largebatch.data import build_eval_loader, build_train_loader, mnist_size
 from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
 from largebatch.engines import Engine, build_engine
 from largebatch.launch_check import check_launch
-from largebatch.metrics import MetricsLogger, check_wandb_online, write_json_atomic
+from largebatch.metrics import MetricsLogger, check_wandb_online
 from largebatch.models import build_model
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import build_schedule

@@ -13,7 +13,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from largebatch.config import Config
 from largebatch.data.loaders import Batch, BatchLoader
