@@ -5,7 +5,6 @@ single-process loop fed each whole global batch (no accumulation, no DDP).
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from largebatch.checkpoint import load_checkpoint
 from tests.conftest import REPO, cli_env, run_cli, run_torchrun
