@@ -80,6 +80,7 @@ def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
     full = [r for r in records if r["kind"] == "epoch"
             and r["micro_batches"] == spec.plan.micro_batches_per_epoch]
     accs = [e["val_acc"] for e in evals if math.isfinite(e["val_acc"])]
+    spike = max(train, key=lambda r: _num(r["loss"]), default=None)  # the worst step of the run
     cols = {
         "arm": spec.arm, "batch_size": spec.batch_size, "status": "ran", "note": "",
         "world_size": spec.plan.world_size, "micro_size": spec.plan.micro_size,
@@ -100,6 +101,8 @@ def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
         "final_lr": _num(summary.get("final_lr")),  # where a plateau arm left the LR
         "diverged": bool(summary["diverged"]),
         "diverged_step": summary["steps"] if summary["diverged"] else None,
+        "max_train_loss": _num(spike["loss"]) if spike else math.nan,
+        "max_loss_step": spike["step"] if spike else None,
         "stop_reason": summary["stop_reason"], "outcome": outcome(summary, sweep),
     }
     return cols, losses, evals

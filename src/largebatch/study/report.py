@@ -27,6 +27,7 @@ TAIL_COLUMNS = [
     "run_epoch_time_s", "run_full_epochs", "loss_osc_1000", "loss_iters_used",
     "reached_target", "time_to_target_s", "steps_to_target", "epochs_to_target",
     "final_val_acc", "best_val_acc", "final_val_loss", "final_lr", "diverged", "diverged_step",
+    "max_train_loss", "max_loss_step",
     "stop_reason", "outcome", "note",
 ]
 LOADER_FIELDS = ("epoch_time_s", "data_time_s", "compute_time_s", "timed_fraction")

@@ -13,6 +13,8 @@ from largebatch.study._util import fmt as _fmt
 from largebatch.study._util import finite
 
 HOLDS, PARTLY, FAILS, UNTESTED = "holds", "partly holds", "does not hold", "not tested"
+BLOW_UP_LOSS = 5 * 2.302585  # a loss 5x chance level (ln 10): one outlier with too large an LR
+CHANCE_ACC = 0.2  # a 10-class net that never beats this has collapsed
 TIME_TOL = 0.10  # timings within 10% count as "not rising" (noise of a shared CPU)
 DATA_DOMINATES = 0.5  # data loading "dominates" at >= 50% of the epoch
 MANY_MORE_EPOCHS = 2.0  # "many more epochs": at least this factor over the fastest batch
@@ -146,8 +148,19 @@ def _blow_up_part(pts: list[dict]) -> tuple[str, str, str]:
         return name, HOLDS, (f"{lr}: the loss became non-finite or exceeded train.max_loss at "
                              f"update {one.get('diverged_step')} (epoch "
                              f"{_fmt(one.get('epochs_run'), '.2f')}); reported, not crashed on")
+    spike, best = one.get("max_train_loss"), one.get("best_val_acc")
+    # A loss spike far above chance level (ln 10 ~ 2.3) after which the net never learns is a
+    # blow-up too, even when no single loss crossed train.max_loss (the ReLUs died instead).
+    if finite(spike) and spike >= BLOW_UP_LOSS and finite(best) and best <= CHANCE_ACC:
+        step = one.get("max_loss_step") or 0
+        when = step / one["steps_per_epoch"] if one.get("steps_per_epoch") else float("nan")
+        return name, HOLDS, (f"{lr}: a training loss of {_fmt(spike, '.3g')} at update {step} "
+                             f"(epoch {_fmt(when, '.2f')}), after which the net stayed at "
+                             f"chance (best val acc {_fmt(best, '.4f')} in "
+                             f"{_fmt(one.get('epochs_run'), '.2f')} epochs)")
     return name, FAILS, (f"{lr}: no blow-up in {one.get('steps')} updates "
-                         f"({_fmt(one.get('epochs_run'), '.2f')} epochs; {one.get('outcome')})")
+                         f"({_fmt(one.get('epochs_run'), '.2f')} epochs; {one.get('outcome')}; "
+                         f"largest loss {_fmt(spike, '.3g')})")
 
 
 def claim_b(rows: list[dict], arm: str) -> Verdict:
