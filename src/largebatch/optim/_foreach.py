@@ -116,7 +116,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.__dict__.update(options)
 
     def _part(self, group: dict[str, Any], params: list[Tensor]) -> Part:
-        raise NotImplementedError
+        """One group's tensors and options for ``_update`` (each optimizer defines its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _part (LARS and LAMB do)")
 
     def _globals(self) -> dict[str, Any]:
         """Keyword arguments of ``_update`` that span all groups."""
