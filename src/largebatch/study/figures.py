@@ -19,6 +19,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay out, write the PNG and free the figure (every plot ends the same way)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _batch_axis(ax: Any, sizes: list[int]) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator
     ax.set_xscale("log")
@@ -70,9 +77,7 @@ def plot_epoch_time(path: Path, rows: list[dict], ref: str, loaders: list[str]) 
     axes[0][0].set_ylabel("seconds per epoch (log)")
     fig.suptitle(f"Claim A: time of one epoch, arm {ref} (timing passes extrapolated to an "
                  f"epoch)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_loss_first(path: Path, rows: list[dict], curves: dict, ref: str) -> None:
@@ -111,9 +116,7 @@ def plot_loss_first(path: Path, rows: list[dict], curves: dict, ref: str) -> Non
     ax.set_title("mean |loss change| per iteration", fontsize=10)
     ax.legend(fontsize=8)
     fig.suptitle(f"Claim B: loss of the first iterations, arm {ref}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_time_to_target(path: Path, rows: list[dict], target: float) -> None:
@@ -148,9 +151,7 @@ def plot_time_to_target(path: Path, rows: list[dict], target: float) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Claim C: to {target:.0%} test accuracy (hollow ^ = not reached: time/epochs "
                  f"run, a lower bound; x = diverged)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_accuracy(path: Path, rows: list[dict], evals: dict, target: float) -> None:
@@ -183,6 +184,4 @@ def plot_accuracy(path: Path, rows: list[dict], evals: dict, target: float) -> N
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("test error = 1 - accuracy (log)")
     fig.suptitle("Test error against training time (each dot is one evaluation)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
