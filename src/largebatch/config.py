@@ -7,6 +7,8 @@ docstring in ``metadata["doc"]`` so ``largebatch`` can print what a key means.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,16 +33,38 @@ class DataConfig:
     """Where the data comes from and how it is cut into batches."""
 
     name: str = doc("Dataset name: 'mnist'.", "mnist")
-    root: str = doc("Dataset root in torchvision layout (MNIST/raw/...).", "data")
-    download: bool = doc("Download with torchvision when the files are missing.", True)
+    # Read when the config is built (not at import), so a launcher or CI job that exports the
+    # variable reaches every config that does not name a root itself.
+    root: str = doc("Dataset root in torchvision layout (MNIST/raw/...), relative to the working "
+                    "directory. Default: $LARGEBATCH_DATA_ROOT when set, else 'data'.",
+                    factory=lambda: os.environ.get("LARGEBATCH_DATA_ROOT") or "data")
+    download: bool = doc("Download with torchvision when the files are missing. In a launched "
+                         "job one process writes: rank 0, then the local rank 0 of any node "
+                         "that still lacks the files; the other ranks wait for it.", True)
+    mirror: str = doc("Base URL of an MNIST mirror holding the four .gz files (e.g. an offline or "
+                      "in-house HTTP server), tried instead of torchvision's mirrors. Default: "
+                      "$LARGEBATCH_MNIST_MIRROR when set, else '' (torchvision's).",
+                      factory=lambda: os.environ.get("LARGEBATCH_MNIST_MIRROR", ""))
     loader: str = doc("'memory' (whole split as one tensor, sliced by index) or 'torch' "
                       "(DataLoader + ToTensor + Normalize, the original study's path).", "memory")
     subset: int = doc("Use only the first N training samples (0 = all).", 0)
     test_subset: int = doc("Use only the first N test samples (0 = all).", 0)
-    drop_last: bool = doc("Drop the tail that does not fill a whole per-rank shard/micro-batch "
-                          "instead of padding the shard (DistributedSampler semantics).", False)
+    drop_last: bool = doc("true: every optimizer step is a full global batch; an epoch is "
+                          "N // batch.global_size steps and the remaining samples (others each "
+                          "epoch, the order is reshuffled) are not used. false: each rank's shard "
+                          "is padded to ceil(N / world) by repeating samples (DistributedSampler) "
+                          "and the last step of an epoch may be a short, exactly weighted window.",
+                          False)
     num_workers: int = doc("DataLoader workers for loader='torch'.", 0)
     on_device: bool = doc("Keep the in-memory split on the training device (GPU).", True)
+
+
+@dataclass
+class TaskConfig:
+    """What is trained and how it is scored (the trainer itself knows neither)."""
+
+    name: str = doc("'classification' (log-softmax net + NLL; metrics val_acc, val_loss).",
+                    "classification")
 
 
 @dataclass
@@ -63,23 +87,58 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate scaling."""
+    """Optimizer and learning-rate scaling.
+
+    Each optimizer reads only some keys (``_APPLIES_TO`` below): a key another optimizer reads,
+    set to anything but its default, is an error. LARS/LAMB keys have timm's meaning and
+    default (``timm.optim.Lars``/``Lamb``), except ``optim.adapt_rule`` (largebatch's rule).
+    """
 
     name: str = doc("'sgd', 'adamw', 'lars' or 'lamb'.", "sgd")
     lr: float = doc("Learning rate at optim.base_batch (the unscaled base LR).", 0.02)
     momentum: float = doc("Momentum (SGD, LARS).", 0.0)
-    nesterov: bool = doc("Nesterov momentum (SGD).", False)
-    weight_decay: float = doc("Weight decay (decoupled for AdamW/LAMB, L2 for SGD/LARS).", 0.0)
+    dampening: float = doc("Momentum dampening (SGD, LARS; torch's and timm's meaning): after a "
+                           "tensor's first step buf = momentum * buf + (1 - dampening) * d.", 0.0)
+    nesterov: bool = doc("Nesterov momentum (SGD, LARS): step along d + momentum * buf; needs "
+                         "optim.momentum > 0 and optim.dampening = 0.", False)
+    weight_decay: float = doc("Weight decay: L2 added to the gradient for SGD/LARS, decoupled for "
+                              "AdamW; LAMB adds wd * w to the Adam direction before the trust "
+                              "ratio (timm's default, see optim.decoupled_decay).", 0.0)
     betas: list[float] = doc("Adam betas (AdamW, LAMB).", factory=lambda: [0.9, 0.999])
-    eps: float = doc("Adam epsilon (AdamW, LAMB).", 1e-8)
+    eps: Optional[float] = doc("Adam epsilon (AdamW, LAMB), added to sqrt(v_hat); null = the "
+                               "optimizer's own default: 1e-8 for AdamW (torch's), 1e-6 for "
+                               "LAMB (timm's).", None)
     scale_rule: str = doc("'none', 'linear' (Goyal et al. 2017) or 'sqrt'.", "none")
     base_batch: Optional[int] = doc("Global batch at which optim.lr holds (default: the global batch).",
                                     None)
-    trust_coef: float = doc("LARS eta, the trust coefficient.", 0.001)
-    trust_eps: float = doc("Epsilon in the LARS/LAMB trust ratio denominator.", 1e-8)
-    trust_clip: bool = doc("Clip the trust ratio (LARC: ratio/lr <= 1; LAMB: ratio <= 10).", False)
-    always_adapt: bool = doc("LARS: adapt even the parameters excluded from weight decay.", False)
+    trust_coef: float = doc("LARS eta, the trust coefficient (timm's trust_coeff).", 0.001)
+    trust_eps: float = doc("LARS: epsilon in the trust ratio's denominator (timm's Lars eps); "
+                           "LAMB's ratio has none.", 1e-8)
+    trust_clip: bool = doc("Clip the trust ratio (timm's trust_clip). LARS: LARC, "
+                           "min(ratio / lr, 1), so a tensor's LR never exceeds optim.lr's; "
+                           "LAMB: LAMBC, min(ratio, optim.max_trust) = min(ratio, 1).", False)
+    max_trust: float = doc("LAMB: the trust ratio's bound under optim.trust_clip (1.0: timm's "
+                           "LAMBC; NVIDIA's BERT recipe uses 10).", 1.0)
+    always_adapt: bool = doc("LARS, LAMB: apply the trust ratio to every tensor, also those "
+                             "optim.adapt_rule leaves out (timm's always_adapt).", False)
+    adapt_rule: str = doc("LARS, LAMB: which tensors get the trust ratio. 'rank' (largebatch): "
+                          "all but the ones excluded from decay (1-D with optim.exclude_1d, "
+                          "names the model lists), whatever optim.weight_decay is; 'timm': "
+                          "only tensors whose group has weight decay != 0 (timm's rule: with "
+                          "optim.weight_decay=0 nothing is adapted, LARS/LAMB become "
+                          "SGD/Adam).", "rank")
     exclude_1d: bool = doc("1-D params (biases, norms) get no weight decay nor adaptation.", True)
+    max_grad_norm: float = doc("LAMB: divide all gradients by max(1, ||g|| / max_grad_norm), the "
+                               "global L2 norm over all parameters, before the moments; .grad is "
+                               "untouched (timm's max_grad_norm, default 1.0; 0 = off). "
+                               "Separate from optim.grad_clip (the engine's).", 1.0)
+    bias_correction: bool = doc("LAMB: divide the moments by 1 - beta**t (timm's "
+                                "bias_correction).", True)
+    grad_averaging: bool = doc("LAMB: m = b1 * m + (1 - b1) * g; false: m = b1 * m + g (timm's "
+                               "grad_averaging).", True)
+    decoupled_decay: bool = doc("LAMB: shrink the weights by lr * weight_decay directly, outside "
+                                "the trust ratio, instead of adding wd * w to the direction it "
+                                "scales (timm's decoupled_decay).", False)
     grad_clip: float = doc("Clip the global gradient norm to this value (0 = off).", 0.0)
     fused: bool = doc("LARS/LAMB: compile the step with torch.compile (fast on CPU).", False)
 
@@ -89,7 +148,8 @@ class PlateauConfig:
     """ReduceLROnPlateau semantics (torch's), stepped once per evaluation."""
 
     mode: str = doc("'min' or 'max'.", "min")
-    metric: str = doc("'val_loss' or 'val_acc'.", "val_loss")
+    metric: str = doc("A metric of the task (classification: 'val_loss' or 'val_acc'); "
+                      "schedule.plateau.mode must be its direction.", "val_loss")
     factor: float = doc("Multiply the LR by this on a plateau.", 0.1)
     patience: int = doc("Evaluations without improvement before acting.", 10)
     threshold: float = doc("Improvement threshold.", 1e-4)
@@ -123,8 +183,13 @@ class TrainConfig:
 
     epochs: float = doc("Epochs to train (fractions allowed).", 1.0)
     max_steps: int = doc("Stop after this many optimizer steps (0 = no limit).", 0)
-    seed: int = doc("Seed for init, data order and dropout (per-rank offset for dropout).", 1)
-    target_acc: float = doc("Test accuracy target (0 = none).", 0.0)
+    seed: int = doc("Seed for init, data order and dropout (each rank's dropout stream is "
+                    "derived from (seed, rank)).", 1)
+    target_acc: float = doc("Target value of train.target_metric (0 = none): reached when the "
+                            "metric is at least this (or at most, for a metric where smaller is "
+                            "better).", 0.0)
+    target_metric: str = doc("Metric the target follows ('' = the task's primary metric: "
+                             "val_acc for classification).", "")
     stop_at_target: bool = doc("Stop once train.target_acc is reached.", False)
     eval_every_samples: int = doc("Evaluate every N training samples (0 = each epoch end).", 0)
     time_budget_s: float = doc("Stop when training time exceeds this (0 = none).", 0.0)
@@ -162,17 +227,41 @@ class LogConfig:
 
     out_dir: str = doc("Output directory (metrics.jsonl, summary.json, plan.json).", "runs/latest")
     every_steps: int = doc("Log the training loss every N optimizer steps.", 1)
+    grad_norm: bool = doc("Measure the global gradient norm every step when not clipping "
+                          "(always measured when optim.grad_clip > 0).", True)
     progress: bool = doc("Show a tqdm progress bar on rank 0.", True)
     wandb: WandbConfig = doc("Weights & Biases settings.", factory=WandbConfig)
 
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints (atomic writes, weights_only loads)."""
+    """Checkpoint sets: one directory per step, published atomically, sha256-verified."""
 
-    dir: Optional[str] = doc("Checkpoint directory (default: log.out_dir/checkpoints).", None)
-    every_steps: int = doc("Save every N optimizer steps (0 = only at the end / on signal).", 0)
-    resume: bool = doc("Resume from the latest checkpoint in checkpoint.dir if present.", False)
+    dir: Optional[str] = doc("Directory of the checkpoint sets (default: log.out_dir/checkpoints). "
+                             "Every rank writes into it: across nodes it must be a shared "
+                             "filesystem.", None)
+    every_steps: int = doc("Also write a set every N optimizer steps (0 = only on SIGTERM/"
+                           "SIGUSR1 and the final set at the end).", 0)
+    keep: int = doc("Complete sets kept; older ones are removed only once a newer set is "
+                    "complete.", 2)
+    resume: str = doc(
+        "'auto' (default): continue from the newest complete set in checkpoint.dir, if any (a "
+        "corrupt newest set is named on stderr and the previous one used); a finished run "
+        "exits 0 at once; a set written with another config (beyond paths, logging, "
+        "train.epochs/max_steps/time_budget_s) is refused. 'never': start from scratch; "
+        "refused while checkpoint.dir holds an earlier run's sets; with neither checkpoint.dir "
+        "nor every_steps set it also writes nothing (SIGTERM/SIGUSR1 then simply end the "
+        "process). PATH: a set directory, or a directory of sets (its newest), to start from "
+        "while checkpoint.dir has no set of its own; after that 'auto' applies (a requeued job "
+        "continues its own sets).", "auto")
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1")
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps={self.every_steps} must be >= 0")
+        if not str(self.resume).strip():
+            raise ConfigError("checkpoint.resume='' must be 'auto', 'never' or a path")
 
 
 @dataclass
@@ -202,6 +291,7 @@ class StudyConfig:
 class Config:
     """The whole run configuration."""
 
+    task: TaskConfig = doc("Task.", factory=TaskConfig)
     data: DataConfig = doc("Data.", factory=DataConfig)
     model: ModelConfig = doc("Model.", factory=ModelConfig)
     batch: BatchConfig = doc("Batch plan inputs.", factory=BatchConfig)
@@ -226,15 +316,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+ADAPT_RULES = ("rank", "timm")  # optim.adapt_rule; param_groups implements both
+
 _CHOICES = {
+    "task.name": ("classification",),
     "data.name": ("mnist",),
     "data.loader": ("memory", "torch"),
     "model.name": ("seed_cnn", "mlp"),
     "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "optim.scale_rule": ("none", "linear", "sqrt"),
+    "optim.adapt_rule": ADAPT_RULES,
     "schedule.name": ("constant", "cosine", "step", "poly", "plateau"),
     "schedule.plateau.mode": ("min", "max"),
-    "schedule.plateau.metric": ("val_loss", "val_acc"),
     "schedule.plateau.threshold_mode": ("rel", "abs"),
     "schedule.plateau.action": ("reduce_lr", "grow_batch"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -268,22 +361,125 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0.0 <= cfg.train.target_acc <= 1.0:
         raise ConfigError(f"train.target_acc={cfg.train.target_acc} must be in [0, 1]")
-    if not 0.0 <= cfg.optim.momentum < 1.0:
-        raise ConfigError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1)")
-    if not 0.0 < cfg.schedule.plateau.factor < 1.0:
-        raise ConfigError(f"schedule.plateau.factor={cfg.schedule.plateau.factor} must be in (0, 1)")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} is not one of 0|1|2|3")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values")
     if (cfg.optim.name in ("lars", "lamb") and cfg.engine.name == "deepspeed"
             and cfg.engine.zero_stage >= 1):
         # ZeRO flattens and partitions parameters: a per-tensor trust ratio would be computed
         # per partition, which silently changes the algorithm.
         raise ConfigError(f"optim.name={cfg.optim.name} needs whole parameter tensors; "
                           f"engine.zero_stage={cfg.engine.zero_stage} partitions them (use 0)")
-    from largebatch.optim.schedules import check_schedule  # local: schedules imports config
+    _check_applicable(cfg)  # first: "does not apply" says more than a range error would
+    _check_optim(cfg.optim)
     check_schedule(cfg.schedule)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """Value checks of the optim section (which keys apply to which optimizer: below)."""
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optim.momentum={o.momentum} must be in [0, 1)")
+    if not 0.0 <= o.dampening <= 1.0:
+        raise ConfigError(f"optim.dampening={o.dampening} must be in [0, 1]")
+    if o.nesterov and (o.momentum <= 0 or o.dampening != 0):  # torch's and timm's condition
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 and optim.dampening=0 "
+                          f"(got optim.momentum={o.momentum}, optim.dampening={o.dampening})")
+    if o.dampening != 0 and o.momentum == 0:
+        raise ConfigError(f"optim.dampening={o.dampening} has no effect with optim.momentum=0")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas={o.betas} must have two values")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must each be in [0, 1)")
+    for key in ("eps", "trust_coef", "trust_eps", "max_grad_norm"):
+        value = getattr(o, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"optim.{key}={value} must be >= 0")
+    if not o.max_trust > 0:
+        raise ConfigError(f"optim.max_trust={o.max_trust} must be > 0")
+    if o.max_trust != OptimConfig.max_trust and not o.trust_clip:
+        raise ConfigError(f"optim.max_trust={o.max_trust} has no effect without "
+                          f"optim.trust_clip=true")
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Value checks of the schedule section that the types cannot express (``LRSchedule`` runs
+    them too, for sections built in code).
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    if not 0.0 <= cfg.warmup_start_factor <= 1.0:
+        raise ConfigError(f"schedule.warmup_start_factor={cfg.warmup_start_factor} must be in "
+                          f"[0, 1]")
+    if cfg.total_steps < 0:
+        raise ConfigError(f"schedule.total_steps={cfg.total_steps} must be >= 0")
+    if cfg.min_lr < 0:
+        raise ConfigError(f"schedule.min_lr={cfg.min_lr} must be >= 0")
+    if cfg.power <= 0:
+        raise ConfigError(f"schedule.power={cfg.power} must be > 0")
+    if not cfg.gamma > 0:
+        raise ConfigError(f"schedule.gamma={cfg.gamma} must be > 0")
+    if any(m < 0 for m in cfg.milestones):
+        raise ConfigError(f"schedule.milestones={cfg.milestones} must be >= 0 (optimizer steps "
+                          f"after warmup)")
+    if cfg.name == "step" and not cfg.milestones:
+        raise ConfigError("schedule.name=step needs schedule.milestones (optimizer steps after "
+                          "warmup), e.g. schedule.milestones=[1000,2000]")
+    _check_plateau(cfg.plateau)
+
+
+def _check_plateau(p: PlateauConfig) -> None:
+    if not 0.0 < p.factor < 1.0:
+        raise ConfigError(f"schedule.plateau.factor={p.factor} must be in (0, 1)")
+    for key, value in (("patience", p.patience), ("cooldown", p.cooldown),
+                       ("threshold", p.threshold), ("min_lr", p.min_lr), ("eps", p.eps)):
+        if value < 0:
+            raise ConfigError(f"schedule.plateau.{key}={value} must be >= 0")
+
+
+# Which optimizer / schedule reads each key (key -> (selecting key, the names that read it)).
+# Keys not listed apply to every choice. A listed key set to anything but its default under
+# another choice would be silently ignored, so validate() refuses it.
+_APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
+    "optim.momentum": ("optim.name", ("sgd", "lars")),
+    "optim.dampening": ("optim.name", ("sgd", "lars")),
+    "optim.nesterov": ("optim.name", ("sgd", "lars")),
+    "optim.betas": ("optim.name", ("adamw", "lamb")),
+    "optim.eps": ("optim.name", ("adamw", "lamb")),
+    "optim.trust_coef": ("optim.name", ("lars",)),
+    "optim.trust_eps": ("optim.name", ("lars",)),
+    "optim.trust_clip": ("optim.name", ("lars", "lamb")),
+    "optim.max_trust": ("optim.name", ("lamb",)),
+    "optim.always_adapt": ("optim.name", ("lars", "lamb")),
+    "optim.adapt_rule": ("optim.name", ("lars", "lamb")),
+    "optim.max_grad_norm": ("optim.name", ("lamb",)),
+    "optim.bias_correction": ("optim.name", ("lamb",)),
+    "optim.grad_averaging": ("optim.name", ("lamb",)),
+    "optim.decoupled_decay": ("optim.name", ("lamb",)),
+    "optim.fused": ("optim.name", ("lars", "lamb")),
+    "schedule.milestones": ("schedule.name", ("step",)),
+    "schedule.gamma": ("schedule.name", ("step",)),
+    "schedule.power": ("schedule.name", ("poly",)),
+    "schedule.min_lr": ("schedule.name", ("cosine", "poly")),
+    "schedule.total_steps": ("schedule.name", ("cosine", "poly")),
+    **{f"schedule.plateau.{f.name}": ("schedule.name", ("plateau",))
+       for f in dataclasses.fields(PlateauConfig)},
+}
+
+
+def _check_applicable(cfg: Config) -> None:
+    """A key the chosen optimizer/schedule does not read must be at its default."""
+    defaults = Config()
+    for key, (selector, names) in _APPLIES_TO.items():
+        chosen, value, default = get_key(cfg, selector), get_key(cfg, key), get_key(defaults, key)
+        if chosen not in names and value != default:
+            raise ConfigError(f"{key}={_show(value)} does not apply to {selector}={chosen} "
+                              f"(only to {'|'.join(names)}); remove it or set it back to "
+                              f"{_show(default)}")
+
+
+def _show(value: Any) -> str:
+    """A value as a user types it on the command line: true, null, [1, 2], timm."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -177,7 +177,33 @@ def test_layerwise_optimizers_only_at_zero_0(name):
     # ZeRO >= 1 hands the client optimizer flat partitions of many tensors: a per-layer trust
     # ratio would silently become a per-partition one (measured: LARS at ZeRO 2 ends 1e-5 off
     # ZeRO 0 after 3 steps). config.validate refuses it before any DeepSpeed config exists.
-    cfg, plan = _cfg_plan(f"optim.name={name}", "engine.zero_stage=0")
+    cfg, plan = _cfg_plan(f"optim.name={name}", "optim.momentum=0", "engine.zero_stage=0")
     assert build_ds_config(cfg, plan)["zero_optimization"]["stage"] == 0
     with pytest.raises(ConfigError, match=f"optim.name={name} needs whole parameter tensors"):
-        _cfg_plan(f"optim.name={name}", "engine.zero_stage=2")
+        _cfg_plan(f"optim.name={name}", "optim.momentum=0", "engine.zero_stage=2")
+
+
+# ---- the engine takes the run's plan -------------------------------------------------------
+def test_deepspeed_engine_takes_the_runs_plan_and_never_rebuilds_it():
+    """The batch arithmetic has one source: the plan handed over (here one grown to accum 4,
+    which the config alone, accum 2 at world 2, would never give)."""
+    import torch
+
+    from largebatch.dist import DistEnv
+    from largebatch.engines import build_engine
+    from largebatch.engines.deepspeed import DeepSpeedEngine
+    cfg, plan = _cfg_plan()
+    grown = plan.grown(2)
+    assert (plan.accum_steps, grown.accum_steps) == (2, 4)
+    denv, cpu = DistEnv("torchrun", rank=0, world_size=2), torch.device("cpu")
+    engine = DeepSpeedEngine(denv, cpu, cfg=cfg, plan=grown)
+    assert engine.plan is grown
+    assert (engine.ds_config["train_batch_size"], engine.ds_config["gradient_accumulation_steps"],
+            engine.ds_config["train_micro_batch_size_per_gpu"]) == (480, 4, 60)
+    with pytest.raises(TypeError, match="plan"):
+        DeepSpeedEngine(denv, cpu, cfg=cfg)  # no default plan to fall back on
+    with pytest.raises(ValueError, match="the batch plan is for world_size 2, the launch has 4"):
+        DeepSpeedEngine(DistEnv("torchrun", rank=0, world_size=4), cpu, cfg=cfg, plan=plan)
+    with pytest.raises(ValueError, match="needs the run's batch plan"):
+        build_engine(cfg, denv, cpu)
+    assert build_engine(cfg, denv, cpu, plan).plan is plan

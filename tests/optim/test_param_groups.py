@@ -77,9 +77,11 @@ EXPECTED = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "lars": LARS, "l
 def test_build_optimizer_builds_each_name(name: str) -> None:
     """The configured class at the plan's LR with the config's options; one step moves the
     weights and leaves them finite."""
-    cfg = OptimConfig(name=name, lr=0.5, momentum=0.8, weight_decay=0.01, betas=[0.8, 0.99],
-                      eps=1e-7, trust_coef=0.02, trust_eps=1e-9, trust_clip=True,
-                      always_adapt=True, fused=False)
+    cfg = OptimConfig(name=name, lr=0.5, momentum=0.8, nesterov=True, weight_decay=0.01,
+                      betas=[0.8, 0.99], eps=1e-7, trust_coef=0.02, trust_eps=1e-9,
+                      trust_clip=True, max_trust=5.0, always_adapt=True, max_grad_norm=2.0,
+                      bias_correction=False, grad_averaging=False, decoupled_decay=True,
+                      fused=False)
     net = Net()
     opt = build_optimizer(cfg, net, lr=0.05, no_decay_names=("head.weight",))
     assert type(opt) is EXPECTED[name]
@@ -87,15 +89,47 @@ def test_build_optimizer_builds_each_name(name: str) -> None:
     assert keep["lr"] == skip["lr"] == 0.05  # the plan's peak LR, not optim.lr
     assert (keep["weight_decay"], skip["weight_decay"]) == (0.01, 0.0)
     assert id(net.head.weight) in ids(skip["params"]) and skip["adapt"] is False
-    expected = {"sgd": dict(momentum=0.8, nesterov=False),
+    expected = {"sgd": dict(momentum=0.8, nesterov=True),
                 "adamw": dict(betas=(0.8, 0.99), eps=1e-7),
-                "lars": dict(momentum=0.8, trust_coef=0.02, eps=1e-9, trust_clip=True,
-                             always_adapt=True),
-                "lamb": dict(betas=(0.8, 0.99), eps=1e-7, trust_clip=True)}[name]
+                "lars": dict(momentum=0.8, nesterov=True, trust_coef=0.02, eps=1e-9,
+                             trust_clip=True, always_adapt=True),
+                "lamb": dict(betas=(0.8, 0.99), eps=1e-7, trust_clip=True, max_trust=5.0,
+                             always_adapt=True, bias_correction=False, grad_averaging=False,
+                             decoupled_decay=True)}[name]
     for key, value in expected.items():
         assert tuple(keep[key]) == value if key == "betas" else keep[key] == value, key
+    if name == "lamb":
+        assert opt.max_grad_norm == 2.0  # optimizer-wide, not a group key
     before = net.conv.weight.detach().clone()
     net(torch.randn(2, 1, 5, 5)).square().mean().backward()
     opt.step()
     assert not torch.equal(before, net.conv.weight.detach())
     assert all(math.isfinite(float(p.detach().abs().max())) for p in net.parameters())
+
+
+@pytest.mark.parametrize("name, eps", [("adamw", 1e-8), ("lamb", 1e-6)])
+def test_eps_null_is_the_optimizers_own_default(name: str, eps: float) -> None:
+    """optim.eps defaults to null: torch's AdamW default 1e-8, timm's Lamb default 1e-6."""
+    opt = build_optimizer(OptimConfig(name=name), Net(), lr=0.1)
+    assert all(g["eps"] == eps for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_dampening_reaches_sgd_and_lars(name: str) -> None:
+    opt = build_optimizer(OptimConfig(name=name, momentum=0.9, dampening=0.25), Net(), lr=0.1)
+    assert all(g["dampening"] == 0.25 for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("rule, wd, adapted", [("rank", 0.0, True), ("rank", 0.1, True),
+                                               ("timm", 0.0, False), ("timm", 0.1, True)])
+def test_adapt_rule(rule: str, wd: float, adapted: bool) -> None:
+    """'rank': the N-D group is adapted whatever the decay; 'timm': only if it has decay.
+    The excluded 1-D group is never adapted (always_adapt is the optimizer's business)."""
+    keep, skip = param_groups(Net(), weight_decay=wd, exclude_1d=True, adapt_rule=rule)
+    assert (keep["adapt"], keep["weight_decay"]) == (adapted, wd)
+    assert (skip["adapt"], skip["weight_decay"]) == (False, 0.0)
+
+
+def test_unknown_adapt_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="adapt_rule='paper'"):
+        param_groups(Net(), weight_decay=0.1, exclude_1d=True, adapt_rule="paper")

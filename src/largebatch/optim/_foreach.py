@@ -41,13 +41,18 @@ def safe_ratio(ratio: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
     return torch.where(ok, ratio, torch.ones_like(ratio))
 
 
-def mul_each(tensors: list[Tensor], scales: Tensor, inplace: bool) -> list[Tensor]:
-    """``tensors[i] * scales[i]``, in place (on a temporary) or new (on the gradients): one 0-d
-    scale per tensor, kept on the device (no host sync)."""
+def mul_each(tensors: list[Tensor], scales: Union[list[float], Tensor],
+             inplace: bool) -> list[Tensor]:
+    """``tensors[i] * scales[i]``, in place (on a temporary) or new (on the gradients).
+
+    ``scales`` is a 1-D tensor (one 0-d scale per tensor, kept on the device: no host sync)
+    or Python floats (eager: the multi-tensor scalar-list kernel)."""
+    if isinstance(scales, Tensor):
+        scales = list(scales.unbind())
     if inplace:
-        torch._foreach_mul_(tensors, list(scales.unbind()))
+        torch._foreach_mul_(tensors, scales)
         return tensors
-    return torch._foreach_mul(tensors, list(scales.unbind()))
+    return torch._foreach_mul(tensors, scales)
 
 
 def div_each(tensors: list[Tensor], scales: Union[list[float], Tensor],
@@ -123,12 +128,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Keyword arguments of ``_update`` that span all groups."""
         return {}
 
-    def _scalar(self, value: Scalar, like: Tensor) -> Scalar:
-        """A per-step scalar: as is when eager, a float32 0-d tensor on ``like``'s device when
-        compiled (a changing Python float would be baked into the graph)."""
+    def _scalar(self, value: Union[Scalar, list[float]], like: Tensor) -> Union[Scalar, Tensor]:
+        """A per-step scalar (or list of per-tensor ones): as is when eager, a tensor on
+        ``like``'s device when compiled (a changing Python float would be baked into the graph).
+        The tensor has ``like``'s dtype (float32 for half/bfloat16, whose rounding of e.g. 0.9
+        would change the step), so float64 runs stay float64 exact."""
         if not self.fused:
             return value
-        return torch.as_tensor(value, dtype=torch.float32, device=like.device)
+        dtype = torch.float32 if like.dtype in _LOW_PRECISION else like.dtype
+        return torch.as_tensor(value, dtype=dtype, device=like.device)
 
     def _with_grads(self, group: dict[str, Any]) -> list[list[Tensor]]:
         """The group's parameters that have a gradient, split by (device, dtype)."""

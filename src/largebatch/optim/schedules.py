@@ -40,43 +40,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from largebatch.config import ConfigError, PlateauConfig, ScheduleConfig
+# Validation of the section lives in config (one place); LRSchedule re-runs it for sections
+# built in code.
+from largebatch.config import ConfigError, PlateauConfig, ScheduleConfig, check_schedule
 from largebatch.plan import BatchPlan
-
-
-def check_schedule(cfg: ScheduleConfig) -> None:
-    """Value checks of the schedule section that the types cannot express.
-
-    Raises:
-        ConfigError: naming the key and the value.
-    """
-    if not 0.0 <= cfg.warmup_start_factor <= 1.0:
-        raise ConfigError(f"schedule.warmup_start_factor={cfg.warmup_start_factor} must be in "
-                          f"[0, 1]")
-    if cfg.total_steps < 0:
-        raise ConfigError(f"schedule.total_steps={cfg.total_steps} must be >= 0")
-    if cfg.min_lr < 0:
-        raise ConfigError(f"schedule.min_lr={cfg.min_lr} must be >= 0")
-    if cfg.power <= 0:
-        raise ConfigError(f"schedule.power={cfg.power} must be > 0")
-    if not cfg.gamma > 0:
-        raise ConfigError(f"schedule.gamma={cfg.gamma} must be > 0")
-    if any(m < 0 for m in cfg.milestones):
-        raise ConfigError(f"schedule.milestones={cfg.milestones} must be >= 0 (optimizer steps "
-                          f"after warmup)")
-    if cfg.name == "step" and not cfg.milestones:
-        raise ConfigError("schedule.name=step needs schedule.milestones (optimizer steps after "
-                          "warmup), e.g. schedule.milestones=[1000,2000]")
-    _check_plateau(cfg.plateau)
-
-
-def _check_plateau(p: PlateauConfig) -> None:
-    if not 0.0 < p.factor < 1.0:
-        raise ConfigError(f"schedule.plateau.factor={p.factor} must be in (0, 1)")
-    for key, value in (("patience", p.patience), ("cooldown", p.cooldown),
-                       ("threshold", p.threshold), ("min_lr", p.min_lr), ("eps", p.eps)):
-        if value < 0:
-            raise ConfigError(f"schedule.plateau.{key}={value} must be >= 0")
 
 
 class PlateauTracker:
