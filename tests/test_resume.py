@@ -38,7 +38,7 @@ def test_resume_from_periodic_checkpoint_is_exact(tmp_path, mnist_root):
     cut = tmp_path / "cut"
     first = run_cli(*_args(mnist_root, cut, "train.max_steps=6", "checkpoint.every_steps=6"))
     assert first.returncode == 0, first.stderr[-2000:]
-    second = run_cli(*_args(mnist_root, cut, "train.max_steps=14", "checkpoint.resume=true"))
+    second = run_cli(*_args(mnist_root, cut, "train.max_steps=14"))  # resume=auto, the default
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "at step 6" in second.stdout
     _assert_same(_weights(straight), _weights(cut))
@@ -85,8 +85,7 @@ def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path,
     assert live.returncode == 0, err[-2000:]
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted" and summary["steps"] < 60
-    resumed = run_torchrun(2, *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck",
-                                     "checkpoint.resume=true"))
+    resumed = run_torchrun(2, *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {summary['steps']}" in resumed.stdout
     final = json.loads((cut / "summary.json").read_text())
@@ -98,6 +97,6 @@ def test_resume_refuses_another_world_size(tmp_path, mnist_root):
     out = tmp_path / "run"
     assert run_cli(*_args(mnist_root, out, "train.max_steps=2",
                           "checkpoint.every_steps=2")).returncode == 0
-    proc = run_torchrun(2, *_args(mnist_root, out, "checkpoint.resume=true"))
+    proc = run_torchrun(2, *_args(mnist_root, out))
     assert proc.returncode != 0
     assert "written by world_size 1, this launch has 2" in proc.stderr

@@ -35,7 +35,9 @@ def test_single_process_seed_cnn_learns_and_writes_outputs(tmp_path, mnist_root)
     train = [r for r in recs if r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 151))
-    assert all({"step", "epoch", "samples", "loss", "lr", "time_s"} <= r.keys() for r in train)
+    assert all({"step", "epoch", "samples", "loss", "grad_norm", "lr", "time_s"} <= r.keys()
+               for r in train)
+    assert all(r["grad_norm"] > 0 for r in train) and summary["final_grad_norm"] > 0
     assert [r["samples"] for r in evals] == [3000, 6000, 9000]  # cadence counted in samples
     assert train[-1]["loss"] < train[0]["loss"]
 

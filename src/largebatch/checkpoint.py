@@ -1,38 +1,147 @@
-"""Checkpoints: written atomically (temp file + rename), loaded with ``weights_only=True``."""
+"""Checkpoint sets that survive any kill: one directory per step, published by one rename.
+
+Layout of ``checkpoint.dir``::
+
+    step-000120/          a complete set (only ever created by renaming a finished temp dir)
+        trainer.pt        rank 0: trainer.state_dict() (model, optimizer, grad scaler, schedule,
+                          current batch plan, step/epoch/position in the epoch)
+        rank-00000.pt     one per rank: that rank's RNG streams (+ any per-rank state)
+        manifest.json     written last: step, world size, config, plan, sha256 of every file
+    step-000120.1/        a second set of the same step (e.g. the final set after a
+                          pre-emption at the last step); sets are ordered by (step, suffix)
+    .step-000130.tmp/     a set being written: never read, removed by the next launch
+    done.json             the run finished: its final set, step and summary
+
+A set is written as: every rank writes and fsyncs its file into the temp dir; barrier; rank 0
+hashes every file, writes the manifest, fsyncs files and directory, renames the temp dir to its
+final name, fsyncs the parent, prunes to ``keep`` sets; barrier. A kill at any point leaves
+the previous sets untouched and at most a temp dir behind. Every load is
+``torch.load(weights_only=True)`` of bytes whose sha256 matches the manifest.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import pickle
 import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from largebatch.config import ConfigError
 
+FORMAT = 1
+MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
+DONE = "done.json"
+_SET_NAME = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
+# Keys that may change between a run and its resume: where things go and how long to train.
+# Anything else means the checkpoint belongs to another experiment (see check_same_run).
+RESUMABLE_CHANGES = ("checkpoint.", "log.", "study.", "data.root", "data.download",
+                     "data.mirror", "data.num_workers", "train.max_steps", "train.epochs",
+                     "train.time_budget_s", "train.device")
+
+
+def rank_file(rank: int) -> str:
+    """Name of ``rank``'s file inside a set."""
+    return f"rank-{rank:05d}.pt"
+
+
+# ---- durable files --------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` and fsync it; returns its sha256."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_json_durable(path: Path, obj: Any) -> None:
+    """JSON to a temp file, fsynced, renamed into place, directory fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _write_durable(tmp, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Save ``state`` so that a reader never sees a half-written file, even on pre-emption."""
+    """Save one file so that a reader never sees it half-written (e.g. the final model.pt)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
-        os.fsync(fh.fileno())
+    _write_durable(tmp, _torch_bytes(state))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: tensors and plain containers only (no pickled code)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+def _load_bytes(data: bytes, name: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``; a file that would run code is refused, naming it."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(f"checkpoint file {name} refused: it holds pickled objects other than "
+                          f"tensors and plain containers (weights_only load: {first})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(f"checkpoint file {name} is unreadable ({first})") from None
 
 
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load one checkpoint file safely: tensors and plain containers only (no pickled code)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"checkpoint file {path} is unreadable ({exc.strerror})") from None
+    return _load_bytes(data, path, map_location)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- RNG streams ----------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """This rank's RNG streams (dropout masks, anything random after start)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    """This rank's RNG streams: Python, torch CPU, CUDA (when in use), numpy (when loaded)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        # As tensors and ints: a weights_only load refuses numpy arrays.
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
     return state
 
 
@@ -42,55 +151,378 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        s = state["numpy"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["gauss"]))
 
 
+# ---- sets on disk ---------------------------------------------------------------------------
+class CorruptSet(Exception):
+    """A set that cannot be used; the message names the offending file."""
+
+
+@dataclass
+class CheckpointSet:
+    """A published set: its directory, its order key and (once verified) its manifest."""
+
+    path: Path
+    step: int
+    suffix: int
+    manifest: Optional[dict[str, Any]] = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def list_sets(directory: Path) -> list[CheckpointSet]:
+    """Published sets in ``directory``, oldest first (by step, then suffix); none verified."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        m = _SET_NAME.match(child.name)
+        if m and child.is_dir():
+            found.append(CheckpointSet(child, int(m.group(1)), int(m.group(2) or 0)))
+    return sorted(found, key=lambda s: (s.step, s.suffix))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of set ``path``; CorruptSet naming the file when missing or unreadable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CorruptSet(f"{path / MANIFEST} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptSet(f"{path / MANIFEST} is unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptSet(f"{path / MANIFEST} is not a format-{FORMAT} manifest")
+    return manifest
+
+
+def verify_set(path: Path) -> dict[str, Any]:
+    """Check every file of set ``path`` against its manifest; returns the manifest.
+
+    Raises:
+        CorruptSet: naming the first missing, truncated or altered file.
+    """
+    manifest = read_manifest(path)
+    expected = {TRAINER_FILE, *(rank_file(r) for r in range(manifest["world_size"]))}
+    missing = expected - set(manifest["files"])
+    if missing:
+        raise CorruptSet(f"{path / MANIFEST} lists no {sorted(missing)[0]}")
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptSet(f"{f} is missing")
+        if f.stat().st_size != meta["bytes"] or _sha256_file(f) != meta["sha256"]:
+            raise CorruptSet(f"{f} does not match its sha256 in the manifest")
+    return manifest
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse to auto-resume a set written with another configuration (another experiment).
+
+    Only the keys in ``RESUMABLE_CHANGES`` may differ (paths, logging, how long to train).
+    Keys known to only one side (added or removed by a code update) are not compared.
+    """
+    # Through JSON, as the manifest stored it: tuples and lists compare equal.
+    a = _flat(json.loads(json.dumps(saved, default=str)))
+    b = _flat(json.loads(json.dumps(current, default=str)))
+    diff = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]
+            and not any(k == p or (p.endswith(".") and k.startswith(p))
+                        for p in RESUMABLE_CHANGES)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise ConfigError(f"checkpoint.resume=auto: {where} was written by another configuration "
+                          f"({shown}{more}); use another log.out_dir/checkpoint.dir, or "
+                          f"checkpoint.resume=PATH from a fresh directory to branch off it")
+
+
+def check_fresh(directory: Path) -> None:
+    """checkpoint.resume=never must not leave an earlier run's sets to be resumed later."""
+    sets = list_sets(directory)
+    if sets or (directory / DONE).exists():
+        what = f"checkpoint sets (newest {sets[-1].name})" if sets else DONE
+        raise ConfigError(f"checkpoint.resume=never but {directory} holds an earlier run's "
+                          f"{what}; remove that directory or use another log.out_dir / "
+                          f"checkpoint.dir (or checkpoint.resume=auto to continue it)")
+
+
+def _warn(message: str) -> None:
+    print(f"largebatch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temp or trash directory (never a published set: those are renamed first)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+# ---- the run's checkpointer ---------------------------------------------------------------
 class Checkpointer:
-    """Saves and restores a whole run: ``latest.pt`` (rank 0) + ``rng_rank{r}.pt`` per rank.
-
-    Rank files are written first and ``latest.pt`` last, so a ``latest.pt`` on disk always has
-    the rank files of its step next to it; each file is replaced atomically.
+    """Writes and resumes the checkpoint sets of one run; every rank calls every method.
 
     Args:
-        directory: where the files live.
+        directory: ``checkpoint.dir``; one filesystem that every rank sees.
         rank: this process's rank.
-        world_size: ranks in the job (a resume must have the same; resharding is not done).
+        world_size: ranks in the job (a resume needs the same; resharding is not done).
         barrier: waits for every rank (the engine's).
+        agree: max-all-reduce of a few floats (the engine's ``reduce_scalars``), by which every
+            rank adopts rank 0's choice of set; not called for one process.
+        keep: complete sets kept; older ones are removed once a newer set is complete.
+        config: the run's config as a dict (stored in each manifest, compared on resume).
+        verbose: rank 0 prints one line when it resumes or finds the run finished.
     """
 
     def __init__(self, directory: str | Path, rank: int, world_size: int,
-                 barrier: Callable[[], None]) -> None:
+                 barrier: Callable[[], None],
+                 agree: Optional[Callable[[list[float]], list[float]]] = None, keep: int = 2,
+                 config: Optional[dict[str, Any]] = None, verbose: bool = True) -> None:
         self.directory = Path(directory)
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
+        self.agree, self.keep = agree, keep
+        self.config = config or {}
+        self.verbose = verbose
+        self.loaded: Optional[CheckpointSet] = None  # the set this run resumed from
+        self._last_step: Optional[int] = None  # step of the newest set saved or loaded
+        self._last_name: Optional[str] = None  # its directory name (rank 0)
 
-    @property
-    def latest(self) -> Path:
-        """Path of the newest complete checkpoint."""
-        return self.directory / "latest.pt"
-
+    # ---- writing --------------------------------------------------------------------------
     def __call__(self, trainer: Any) -> None:
-        """Save ``trainer.state_dict()`` and this rank's RNG (every rank must call it)."""
-        state = trainer.state_dict()  # every rank: gathering sharded state can be collective
-        step = state["run"]["step"]
-        save_checkpoint(self.directory / f"rng_rank{self.rank}.pt",
-                        {"step": step, "rng": rng_state()})
-        self.barrier()
-        if self.rank == 0:
-            save_checkpoint(self.latest, {"step": step, "world_size": self.world_size,
-                                          "trainer": state})
-        self.barrier()
+        """Write a set of ``trainer``'s current step (the trainer's hook)."""
+        self.save(trainer)
 
-    def resume(self, trainer: Any) -> bool:
-        """Load the latest checkpoint into ``trainer`` if there is one; True when resumed."""
-        if not self.latest.is_file():
-            return False
-        ckpt = load_checkpoint(self.latest)
-        if ckpt["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {self.latest} was written by world_size "
-                              f"{ckpt['world_size']}, this launch has {self.world_size}")
-        rng = load_checkpoint(self.directory / f"rng_rank{self.rank}.pt")
-        if rng["step"] != ckpt["step"]:
-            raise ConfigError(f"checkpoint {self.directory}: rng_rank{self.rank}.pt is from step "
-                              f"{rng['step']}, latest.pt from step {ckpt['step']}")
-        trainer.load_state_dict(ckpt["trainer"])
-        set_rng_state(rng["rng"])
-        return True
+    def save(self, trainer: Any) -> None:
+        """Write one set of ``trainer.state_dict()`` (every rank, the same step).
+
+        An entry ``per_rank`` of the state dict, if any, goes into each rank's own file.
+        """
+        state = trainer.state_dict()  # every rank: gathering sharded state can be collective
+        per_rank = state.pop("per_rank", None)
+        step = int(state["run"]["step"])
+        tmp = self.directory / f".step-{step:06d}.tmp"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # a leftover of a launch killed while writing this step
+            tmp.mkdir()
+        self.barrier()
+        files = {rank_file(self.rank): {"step": step, "rank": self.rank, "rng": rng_state(),
+                                        "per_rank": per_rank}}
+        if self.rank == 0:
+            files[TRAINER_FILE] = state
+        for name, obj in files.items():
+            _write_durable(tmp / name, _torch_bytes(obj))
+        self.barrier()  # every rank's file is complete and fsynced
+        if self.rank == 0:
+            self._last_name = self._publish(tmp, step, state).name
+            self._prune()
+        self._last_step = step
+        self.barrier()  # no rank moves on (or exits) before the set is published
+
+    def mark_done(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """The run has finished: its final set (the state after the last step, before the
+        closing evaluation, so that a longer re-run continues exactly) and ``done.json``
+        naming it with the summary (rank 0 writes it once the set is complete)."""
+        step = int(trainer.state.step)
+        if self._last_step != step:  # the loop saves the last step; this is only a fallback
+            self.save(trainer)
+        if self.rank == 0:
+            write_json_durable(self.directory / DONE, {
+                "step": step, "set": self._last_name,
+                "stop_reason": summary.get("stop_reason"), "summary": summary})
+
+    def _publish(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+        """Rank 0: manifest with every file's sha256, then one rename makes the set visible."""
+        files = {}
+        for name in (TRAINER_FILE, *(rank_file(r) for r in range(self.world_size))):
+            f = tmp / name
+            if not f.is_file():  # every rank passed the barrier: it wrote elsewhere
+                raise ConfigError(f"checkpoint: {f} is missing after its rank wrote it; "
+                                  f"checkpoint.dir={self.directory} must be one filesystem "
+                                  f"that every rank sees (a shared path across nodes)")
+            files[name] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
+        run = state["run"]
+        manifest = {"format": FORMAT, "step": step, "epoch": run.get("epoch"),
+                    "consumed": run.get("consumed"), "world_size": self.world_size,
+                    "created_unix": time.time(), "torch": torch.__version__,
+                    "files": files, "config": self.config, "plan": state.get("plan")}
+        _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+        fsync_dir(tmp)
+        target = self.directory / f"step-{step:06d}"
+        suffix = 0
+        while target.exists():  # the same step saved again: never overwrite a complete set
+            suffix += 1
+            target = self.directory / f"step-{step:06d}.{suffix}"
+        os.rename(tmp, target)
+        fsync_dir(self.directory)
+        return target
+
+    def _prune(self) -> None:
+        """Rank 0, after a set is complete: keep the newest ``keep`` sets."""
+        for old in list_sets(self.directory)[:-self.keep]:
+            trash = self.directory / f".{old.name}.trash"
+            os.rename(old.path, trash)  # out of the set namespace first: a kill mid-delete
+            shutil.rmtree(trash, ignore_errors=True)  # leaves no half set to resume from
+        fsync_dir(self.directory)
+
+    # ---- choosing a set to resume from ----------------------------------------------------
+    def find(self, resume: str) -> Optional[CheckpointSet]:
+        """The set to resume from for ``checkpoint.resume`` (collective; rank 0 decides).
+
+        Raises:
+            ConfigError: another world size or config, a bad PATH, or an earlier run's sets
+                with ``never`` (on every rank).
+        """
+        choice, error = [-1.0, -1.0, -1.0, -1.0], None  # status, origin, step, suffix
+        if self.rank == 0:
+            try:
+                origin, found = self._choose(resume)
+                choice = [0.0, 0.0, 0.0, 0.0] if found is None else \
+                    [1.0, float(origin), float(found.step), float(found.suffix)]
+            except ConfigError as exc:
+                choice, error = [2.0, 0.0, 0.0, 0.0], exc
+        if self.world_size > 1 and self.agree is not None:
+            choice = self.agree(choice)
+        if error is not None:
+            raise error
+        status, origin, step, suffix = (int(v) for v in choice)
+        if status == 2:
+            raise ConfigError("checkpoint.resume: rank 0 refused the checkpoint (its error "
+                              "message says why)")
+        if status == 0:
+            return None
+        base = {0: self.directory, 1: Path(resume), 2: Path(resume)}[origin]
+        path = base if origin == 1 else base / (f"step-{step:06d}" + (f".{suffix}" if suffix
+                                                                      else ""))
+        try:
+            found = CheckpointSet(path, step, suffix, read_manifest(path))
+        except CorruptSet as exc:
+            raise ConfigError(f"checkpoint.resume: {exc}") from None
+        if found.manifest["world_size"] != self.world_size:
+            raise ConfigError(f"checkpoint {path} was written by world_size "
+                              f"{found.manifest['world_size']}, this launch has "
+                              f"{self.world_size} (resharding is not supported)")
+        if origin == 0:
+            check_same_run(found.manifest.get("config", {}), self.config, path)
+        return found
+
+    def _choose(self, resume: str) -> tuple[int, Optional[CheckpointSet]]:
+        """Rank 0: (origin, set) with origin 0 = checkpoint.dir, 1 = PATH is a set,
+        2 = PATH is a directory of sets."""
+        for leftover in self.directory.glob(".step-*"):  # temp/trash dirs of killed launches
+            _remove(leftover)
+        if resume == "never":
+            check_fresh(self.directory)
+            return 0, None
+        own = self._newest_valid(self.directory, quarantine=True)
+        if own is not None or resume == "auto":
+            return 0, own  # PATH only seeds a fresh checkpoint.dir; a requeue continues here
+        p = Path(resume)
+        if (p / MANIFEST).exists() or _SET_NAME.match(p.name):
+            try:
+                manifest = verify_set(p)
+            except CorruptSet as exc:
+                raise ConfigError(f"checkpoint.resume={resume}: {exc}") from None
+            return 1, CheckpointSet(p, int(manifest["step"]), 0, manifest)
+        if p.is_dir():
+            found = self._newest_valid(p, quarantine=False)
+            if found is None:
+                raise ConfigError(f"checkpoint.resume={resume}: no complete checkpoint set there")
+            return 2, found
+        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint set or directory "
+                          f"(expected 'auto', 'never' or a path)")
+
+    def _newest_valid(self, directory: Path, quarantine: bool) -> Optional[CheckpointSet]:
+        """Newest set whose files all match the manifest; each bad one is named on stderr
+        and (in our own directory) renamed out of the way, never deleted."""
+        for s in reversed(list_sets(directory)):
+            try:
+                s.manifest = verify_set(s.path)
+                return s
+            except CorruptSet as exc:
+                moved = ""
+                if quarantine:
+                    bad = s.path.with_name(f"{s.name}.corrupt")
+                    n = 0
+                    while bad.exists():
+                        n += 1
+                        bad = s.path.with_name(f"{s.name}.corrupt{n}")
+                    os.rename(s.path, bad)
+                    moved = f", moved to {bad.name}"
+                _warn(f"checkpoint set {s.path} is unusable ({exc}){moved}; trying the "
+                      f"previous set")
+        return None
+
+    # ---- loading --------------------------------------------------------------------------
+    def _read(self, found: CheckpointSet, name: str) -> Any:
+        path = found.path / name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"checkpoint file {path} is unreadable ({exc.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != found.manifest["files"][name]["sha256"]:
+            raise ConfigError(f"checkpoint file {path} does not match its sha256 in the manifest")
+        return _load_bytes(data, path)
+
+    def load(self, trainer: Any, found: CheckpointSet) -> None:
+        """Restore ``trainer`` and this rank's RNG streams from set ``found``."""
+        state = self._read(found, TRAINER_FILE)
+        mine = self._read(found, rank_file(self.rank))
+        if mine.get("per_rank") is not None:
+            state["per_rank"] = mine["per_rank"]
+        trainer.load_state_dict(state)
+        set_rng_state(mine["rng"])
+        self.loaded = found
+        self._last_step, self._last_name = found.step, found.name
+        if self.rank == 0 and self.verbose and not self._loaded_final():
+            print(f"resumed from {found.path} at step {found.step}", flush=True)
+
+    # ---- the finished run -----------------------------------------------------------------
+    def done(self) -> Optional[dict[str, Any]]:
+        """The done marker (final set, step, summary), or None."""
+        try:
+            return json.loads((self.directory / DONE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _loaded_final(self) -> bool:
+        done = self.done()
+        return bool(done) and self.loaded is not None and done.get("set") == self.loaded.name
+
+    def finished(self, stop_reason: str) -> Optional[dict[str, Any]]:
+        """Before the first step: the stored summary if this run is already over, else None.
+
+        Over = resumed from the set the done marker names, and the stop condition
+        (``stop_reason``, evaluated on the restored state) still holds. A run that trains on
+        (e.g. a larger train.max_steps) drops the now stale marker.
+        """
+        final = self._loaded_final()
+        done = self.done()
+        if final and stop_reason:
+            if self.rank == 0 and self.verbose:
+                print(f"largebatch: run already finished at step {done['step']} "
+                      f"({done.get('stop_reason')}, {self.directory / DONE}); nothing to do",
+                      flush=True)
+            return done["summary"]
+        if self.rank == 0 and done is not None:
+            (self.directory / DONE).unlink(missing_ok=True)
+            if final and self.verbose:
+                print(f"resumed from {self.loaded.path} at step {self.loaded.step} "
+                      f"(finished before; training on to the new limit)", flush=True)
+        return None

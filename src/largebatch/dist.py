@@ -6,6 +6,7 @@ embedded default, as on a laptop or in a notebook).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -143,3 +144,25 @@ def seed_everything(seed: int) -> None:
     """Seed Python and torch (CPU and CUDA) RNGs."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed for rank-local randomness (dropout masks): one stream per (seed, rank).
+
+    ``seed + 1000 * rank`` made seed 1 on rank 1 the same stream as seed 1001 on rank 0. The
+    pair is written as the text ``"seed:rank"`` (one text per pair, negative seeds included)
+    and hashed (BLAKE2b, 63 bits kept), which gives a well-mixed seed, the same on every
+    machine; two pairs share a seed with probability 2**-63.
+    Not numpy's ``SeedSequence([seed, rank])``: it splits ints into 32-bit words and pads with
+    zeros, so ``[2**32 + 5, 0]`` and ``[5, 1]`` give the same stream.
+
+    Args:
+        seed: the run's seed (``train.seed``).
+        rank: the global rank.
+
+    Returns:
+        A non-negative integer below 2**63 for ``torch.manual_seed``.
+    """
+    digest = hashlib.blake2b(f"{seed}:{rank}".encode(), digest_size=8,
+                             person=b"largebatch-rank").digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -10,23 +10,24 @@ from typing import Any, Optional
 
 import torch
 
-from largebatch.checkpoint import Checkpointer, save_checkpoint
+from largebatch.checkpoint import Checkpointer, check_fresh, save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
-from largebatch.data import build_eval_loader, build_train_loader, mnist_size
-from largebatch.dist import DistEnv, detect_launch, init_process_group, pick_device, seed_everything
+from largebatch.data.registry import build_loaders, dataset, dataset_size
+from largebatch.dist import (DistEnv, detect_launch, init_process_group, pick_device, rank_seed,
+                             seed_everything)
 from largebatch.engines import Engine, build_engine
 from largebatch.launch_check import check_launch
 from largebatch.metrics import MetricsLogger, check_wandb_online
-from largebatch.models import build_model
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import build_schedule
 from largebatch.plan import BatchPlan, make_plan
+from largebatch.tasks import build_task
 from largebatch.trainer import Trainer
 
 
 def plan_for(cfg: Config, world_size: int) -> BatchPlan:
     """The batch plan for ``cfg`` at ``world_size`` (no data is read)."""
-    return make_plan(cfg, world_size, mnist_size(cfg.data, train=True))
+    return make_plan(cfg, world_size, dataset_size(cfg.data, train=True))
 
 
 def check_world_size(cfg: Config, denv: DistEnv) -> None:
@@ -65,58 +66,82 @@ class Run:
 def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> Run:
     """Launch detection, plan, model, optimizer, engine, schedule, loaders, logger, trainer."""
     denv, device = setup_runtime(cfg, denv)
+    dataset(cfg.data.name).prepare(cfg.data, denv)  # rank 0 downloads, the others wait
     plan = plan_for(cfg, denv.world_size)
     check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
     if denv.is_main and not quiet:
         print(plan.describe(), flush=True)
     # Same seed on every rank for the model init (DDP would broadcast anyway), then a per-rank
-    # offset so dropout masks differ across ranks like they would across samples.
+    # stream so dropout masks differ across ranks like they would across samples.
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
+    task = build_task(cfg)
+    parts = task.build()
+    model = parts.model
     engine = build_engine(cfg, denv, device, plan)
     optimizer = build_optimizer(cfg.optim, model, lr=plan.peak_lr)
     engine.setup(model, optimizer)
-    seed_everything(cfg.train.seed + 1000 * denv.rank)
+    for module in parts.sharded:
+        engine.setup_module(module)
+    seed_everything(rank_seed(cfg.train.seed, denv.rank))
     planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
     if cfg.train.max_steps:
         planned = min(planned, cfg.train.max_steps)
     schedule = build_schedule(engine.optimizer, cfg.schedule, plan,
                               cfg.schedule.total_steps or planned,
                               reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
-    train_loader = build_train_loader(cfg.data, plan.micro_size, denv.rank, denv.world_size,
-                                      cfg.train.seed, device)
-    eval_loader = build_eval_loader(cfg.data, denv.rank, denv.world_size, device)
-    checkpointer = make_checkpointer(cfg, denv, engine)
-    resuming = checkpointer is not None and cfg.checkpoint.resume and checkpointer.latest.is_file()
-    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=resuming)
+    train_loader, eval_loader = build_loaders(cfg.data, plan.micro_size, denv, cfg.train.seed,
+                                              device)
+    checkpointer = make_checkpointer(cfg, denv, engine, quiet)
+    source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
+    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=source is not None)
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
-    trainer = Trainer(cfg, engine, schedule, plan, train_loader, eval_loader, logger)
+    trainer = Trainer(cfg, task, engine, schedule, plan, train_loader, eval_loader, logger)
     if checkpointer is not None:
         trainer.checkpointer = checkpointer
-        if resuming and checkpointer.resume(trainer) and denv.is_main and not quiet:
-            print(f"resumed from {checkpointer.latest} at step {trainer.state.step}", flush=True)
+        if source is not None:
+            checkpointer.load(trainer, source)  # rank 0 prints "resumed from SET at step N"
         watch_preemption(trainer)
     return Run(cfg, denv, plan, engine, trainer, logger)
 
 
-def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine) -> Optional[Checkpointer]:
-    """A checkpointer when any checkpoint option is set (dir, every_steps or resume)."""
+def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
+                      quiet: bool = False) -> Optional[Checkpointer]:
+    """The run's checkpointer, in checkpoint.dir (default: log.out_dir/checkpoints).
+
+    Every run has one (so SIGTERM/SIGUSR1 always end in a checkpoint and a finished run is
+    recognised when requeued), except ``checkpoint.resume=never`` with neither
+    ``checkpoint.dir`` nor ``checkpoint.every_steps`` set: such a run writes no sets at all
+    (the study's runs), and may not start over an earlier run's sets, which would go stale.
+    """
     ck = cfg.checkpoint
-    if ck.dir is None and not ck.every_steps and not ck.resume:
-        return None
     directory = Path(ck.dir) if ck.dir else Path(cfg.log.out_dir) / "checkpoints"
-    return Checkpointer(directory, denv.rank, denv.world_size, engine.barrier)
+    if ck.resume == "never" and ck.dir is None and not ck.every_steps:
+        check_fresh(directory)
+        return None
+    return Checkpointer(directory, denv.rank, denv.world_size, engine.barrier,
+                        agree=lambda values: engine.reduce_scalars(values, op="max"),
+                        keep=ck.keep, config=to_dict(cfg), verbose=not quiet)
 
 
 def watch_preemption(trainer: Trainer) -> None:
-    """SIGUSR1 (SLURM's ``--signal=USR1@T``): finish the step, checkpoint, stop cleanly."""
+    """SIGTERM (Slurm pre-emption, time limit, torchrun's agent forwarding) and SIGUSR1
+    (``--signal=USR1@T``): finish the optimizer step, every rank checkpoints the same step,
+    exit 0. The rank-reduced stop flag makes one signalled rank enough."""
+    previous = {}
+
     def request_stop(signum: int, frame: Any) -> None:
-        trainer.stop_requested = True
-    try:
-        signal.signal(signal.SIGUSR1, request_stop)
-    except ValueError:  # not the main thread (e.g. embedded in another app): no handler
-        pass
+        if not getattr(trainer, "fit_over", False):
+            trainer.stop_requested = True
+            return
+        # Training is over (a host process calling train() lives on): the old handler again.
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)
+        signal.raise_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread (e.g. embedded in another app): no handler
+            pass
 
 
 def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
@@ -129,8 +154,9 @@ def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[s
         save_checkpoint(Path(run.cfg.log.out_dir) / "model.pt", {"model": state["model"]})
     run.logger.close(summary)
     if run.denv.is_main and not quiet:
-        keys = ("steps", "epochs_run", "final_val_acc", "final_val_loss", "reached_target",
-                "time_to_target_s", "stop_reason")
+        finals = tuple(f"final_{m.name}" for m in run.trainer.task.metrics)
+        keys = ("steps", "epochs_run", *finals, "reached_target", "time_to_target_s",
+                "stop_reason")
         print("summary: " + json.dumps({k: summary[k] for k in keys}), flush=True)
     return summary
 

@@ -1,8 +1,12 @@
-"""The training loop: read it top to bottom; it never asks which engine it runs on.
+"""The training loop: read it top to bottom; it never asks which engine or task it runs.
 
 One optimizer step = one accumulation window of ``plan.accum_steps`` micro-batches per rank.
 Each micro-batch loss is weighted by its share of the window's samples, so the accumulated
 gradient is the window mean even when the epoch's last window or micro-batch is short.
+
+Every logged training figure is the global batch's: the loss is the sample-weighted mean over
+all ranks (summed in the one small collective each step already makes for the stop flags), and
+the gradient norm is that of the averaged gradient, which every rank holds after the sync.
 """
 from __future__ import annotations
 
@@ -12,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
-from largebatch.config import Config
+from largebatch.config import Config, ConfigError
 from largebatch.data.loaders import Batch, BatchLoader
 from largebatch.engines.base import Engine
 from largebatch.metrics import MetricsLogger
 from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
+from largebatch.tasks.base import Metric, Task
 
 
 @dataclass
@@ -32,9 +36,9 @@ class RunState:
     consumed: int = 0  # micro-batches of the current epoch already trained on (this rank)
     train_time_s: float = 0.0
     last_eval_mark: int = 0
-    last_loss: float = math.nan
-    val_loss: float = math.nan
-    val_acc: float = math.nan
+    last_loss: float = math.nan  # the global batch's mean training loss at the last step
+    last_grad_norm: Optional[float] = None  # global gradient norm at the last step (None: off)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
     reached_target: bool = False
     steps_to_target: Optional[int] = None
     epochs_to_target: Optional[float] = None
@@ -45,7 +49,8 @@ class RunState:
 
     def state_dict(self) -> dict[str, Any]:
         """A plain dict of the counters."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                for k, v in self.__dict__.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters; a resumed run has not stopped yet."""
@@ -67,6 +72,7 @@ class Trainer:
 
     Args:
         cfg: the run configuration.
+        task: what is computed (micro-batch loss and weight) and how it is scored.
         engine: the engine that owns the model, the optimizer and all communication.
         schedule: the LR schedule, stepped once per optimizer step.
         plan: the batch plan (may be replaced when the batch grows on a plateau).
@@ -75,10 +81,12 @@ class Trainer:
         logger: the metrics sink (a no-op off rank 0).
     """
 
-    def __init__(self, cfg: Config, engine: Engine, schedule: LRSchedule, plan: BatchPlan,
-                 train_loader: BatchLoader, eval_loader: BatchLoader,
+    def __init__(self, cfg: Config, task: Task, engine: Engine, schedule: LRSchedule,
+                 plan: BatchPlan, train_loader: BatchLoader, eval_loader: BatchLoader,
                  logger: MetricsLogger) -> None:
-        self.cfg, self.engine, self.schedule, self.plan = cfg, engine, schedule, plan
+        self.cfg, self.task, self.engine, self.schedule, self.plan = cfg, task, engine, schedule, plan
+        self.target = task.primary_metric()
+        self.plateau_metric = self._plateau_metric()
         self.initial_plan = plan
         self.model = engine.model
         self.train_loader, self.eval_loader, self.logger = train_loader, eval_loader, logger
@@ -94,71 +102,88 @@ class Trainer:
                               weight: float) -> torch.Tensor:
         """Loss of one micro-batch; backward of ``weight`` x loss. Returns the detached loss."""
         with self.engine.autocast():
-            loss = F.nll_loss(self.model(x), y)
+            loss = self.task.loss(self.model, x, y)
         self.engine.backward(loss * weight)
         return loss.detach()
 
-    def train_step(self, batches: Iterator[Batch], n_micro: int, window_samples: int) -> float:
+    def train_step(self, batches: Iterator[Batch], n_micro: int,
+                   window_samples: int) -> tuple[float, Optional[float]]:
         """One optimizer step over ``n_micro`` micro-batches holding ``window_samples`` samples.
 
-        Returns this rank's mean training loss over the window.
+        Returns this rank's loss *sum* over the window (each micro-batch mean x its samples,
+        so ranks can be combined sample-weighted) and the global gradient norm (None when
+        neither clipping nor ``log.grad_norm`` asks the engine for it).
         """
-        total = torch.zeros((), device=self.engine.device)
-        for i in range(n_micro):
-            t0 = time.perf_counter()
+        # The whole window is fetched first: a task may fix something from all of its labels
+        # before the first forward pass (Partial FC samples its classes once per window, so
+        # accumulation equals one big batch).
+        t0 = time.perf_counter()
+        window = []
+        for _ in range(n_micro):
             x, y = next(batches)
-            x = x.to(self.engine.device, non_blocking=True)
-            y = y.to(self.engine.device, non_blocking=True)
-            t1 = time.perf_counter()
+            window.append((x.to(self.engine.device, non_blocking=True),
+                           y.to(self.engine.device, non_blocking=True)))
+        t1 = time.perf_counter()
+        self.timer.data_s += t1 - t0
+        self.task.begin_window([y for _, y in window])
+        # float64: the sum is later added across ranks and divided; keep the last bits.
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        for i, (x, y) in enumerate(window):
             with self.engine.accumulate(is_boundary=i == n_micro - 1):
-                loss = self.forward_backward_step(x, y, len(y) / window_samples)
-            total += loss * len(y)
-            self.timer.data_s += t1 - t0
-            self.timer.compute_s += time.perf_counter() - t1
+                loss = self.forward_backward_step(
+                    x, y, self.task.micro_weight(len(y), window_samples))
+            total += loss.double() * len(y)
         t2 = time.perf_counter()
-        self.engine.step()
+        self.timer.compute_s += t2 - t1
+        grad_norm = self.engine.step(compute_norm=self.cfg.log.grad_norm)
         self.schedule.step()
-        mean_loss = float(total) / window_samples  # float() waits for the device
+        loss_sum = float(total)  # float() waits for the device
         if self._sync:
             torch.cuda.synchronize()
         self.timer.compute_s += time.perf_counter() - t2
-        return mean_loss
+        return loss_sum, grad_norm
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy over the whole split (sums all-reduced over ranks)."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the whole evaluation set (global, the same on every rank)."""
         self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.engine.device)
-        for x, y in self.eval_loader:
-            with self.engine.autocast():
-                out = self.model(x.to(self.engine.device))
-            y = y.to(self.engine.device)
-            sums[0] += F.nll_loss(out.float(), y, reduction="sum")
-            sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += len(y)
+        metrics = self.task.evaluate(self.model, self.eval_loader, self.engine)
         self.model.train()
-        loss_sum, correct, count = self.engine.reduce_scalars(sums.tolist(), op="sum")
-        return loss_sum / count, correct / count
+        return metrics
 
     def _evaluate_and_decide(self) -> None:
         """Evaluate, record, check the target, and let the plateau logic act."""
         s = self.state
         t0 = time.perf_counter()
-        s.val_loss, s.val_acc = self.evaluate()
+        s.metrics = self.evaluate()
         self.timer.eval_s += time.perf_counter() - t0
         s.last_eval_mark = s.samples
         epoch = self._epoch_progress()
         self.logger.log({"kind": "eval", "step": s.step, "epoch": epoch, "samples": s.samples,
-                         "val_loss": s.val_loss, "val_acc": s.val_acc, "time_s": s.train_time_s})
-        target = self.cfg.train.target_acc
-        if target > 0 and not s.reached_target and s.val_acc >= target:
+                         **s.metrics, "time_s": s.train_time_s})
+        target, value = self.cfg.train.target_acc, s.metrics[self.target.name]
+        if target > 0 and not s.reached_target and not self.target.better(target, value):
             s.reached_target, s.steps_to_target = True, s.step
             s.epochs_to_target, s.time_to_target_s = epoch, s.train_time_s
-        metric = s.val_loss if self.cfg.schedule.plateau.metric == "val_loss" else s.val_acc
-        action = self.schedule.on_eval(metric)  # averages over ranks before deciding
+        action = None
+        if self.plateau_metric is not None:  # (the schedule averages it over ranks first)
+            action = self.schedule.on_eval(s.metrics[self.plateau_metric.name])
         if action == "grow_batch":
             self._grow_batch()
+
+    def _plateau_metric(self) -> Optional[Metric]:
+        """The metric plateau decisions follow (None without a plateau schedule); its mode
+        must match ``schedule.plateau.mode``, else the LR would drop while it improves."""
+        p = self.cfg.schedule.plateau
+        if self.cfg.schedule.name != "plateau":
+            return None
+        metric = self.task.metric(p.metric, "schedule.plateau.metric")
+        if metric.mode != p.mode:
+            raise ConfigError(f"schedule.plateau.mode={p.mode} but {metric.name} is better when "
+                              f"{'larger' if metric.mode == 'max' else 'smaller'} "
+                              f"(use schedule.plateau.mode={metric.mode})")
+        return metric
 
     def _grow_batch(self) -> None:
         """Smith et al. 2018: grow the batch through accumulation; else lower the LR."""
@@ -201,25 +226,53 @@ class Trainer:
             return self.state.samples // every > self.state.last_eval_mark // every
         return self.state.consumed == self._epoch_micro  # epoch end
 
-    def _agree_on_stop_flags(self, loss: float) -> None:
-        """Divergence, time budget and pre-emption are rank-local facts; every rank must act
-        on them at the same step (else one waits forever in the next all-reduce), so they are
-        max-reduced: one tiny collective per step, only when distributed."""
+    def _agree_on_loss_and_stop_flags(self, loss_sum: float, samples: int) -> float:
+        """The global batch's mean loss, and the stop decisions every rank takes with it.
+
+        Time budget and pre-emption are rank-local facts; every rank must act on them at the
+        same step (else one waits forever in the next all-reduce). They travel as 0/1 in the
+        same sum-reduce as the loss sum and sample count (one tiny collective per step, only
+        when distributed), and a sum > 0 means "some rank said yes". Divergence is decided on
+        the reduced global loss, which every rank holds bit for bit, so all ranks agree.
+
+        Returns:
+            The sample-weighted mean training loss over all ranks' windows.
+        """
         t, s = self.cfg.train, self.state
-        flags = [float(not math.isfinite(loss) or loss > t.max_loss),
-                 float(bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s),
-                 float(self.stop_requested and self.checkpointer is not None)]
+        values = [loss_sum, float(samples),
+                  float(bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s),
+                  float(self.stop_requested and self.checkpointer is not None)]
         if self.engine.world_size > 1:
-            flags = self.engine.reduce_scalars(flags, op="max")
-        s.diverged = s.diverged or flags[0] > 0
-        self._over_budget, self._preempted = flags[1] > 0, flags[2] > 0
+            values = self.engine.reduce_scalars(values, op="sum")
+        loss = values[0] / values[1]
+        s.diverged = s.diverged or not math.isfinite(loss) or loss > t.max_loss
+        self._over_budget, self._preempted = values[2] > 0, values[3] > 0
+        return loss
 
     def _maybe_checkpoint(self) -> None:
+        """A set every checkpoint.every_steps and at the last step, whatever ended the run
+        (pre-emption included): before the closing evaluation, as an uninterrupted longer
+        run would be at that step."""
         every = self.cfg.checkpoint.every_steps
         s = self.state
-        if self.checkpointer is not None and (s.stop_reason == "preempted"
-                                              or (every and s.step % every == 0)):
+        if self.checkpointer is not None and (s.stop_reason or (every and s.step % every == 0)):
             self.checkpointer(self)
+
+    def _finished_before_start(self) -> Optional[dict[str, Any]]:
+        """A requeued or re-launched run whose stop condition already holds does no step
+        (the loop checks it only after a step); the stored summary when it is all done."""
+        t, s = self.cfg.train, self.state
+        self._over_budget = bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s
+        s.stop_reason = self._should_stop()
+        finished = None if self.checkpointer is None else self.checkpointer.finished(s.stop_reason)
+        self.fit_over = finished is not None
+        return finished
+
+    def _mark_done(self, summary: dict[str, Any]) -> None:
+        """The done marker next to the final set (not after a pre-emption: that run goes on)."""
+        if self.checkpointer is not None and self.state.stop_reason != "preempted":
+            self.checkpointer.mark_done(self, summary)
+        self.fit_over = True  # signals no longer ask for a checkpoint (see watch_preemption)
 
     def _run_epoch(self, progress: Any) -> None:
         s, plan = self.state, self.plan
@@ -236,18 +289,19 @@ class Trainer:
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
             lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
-            loss = self.train_step(batches, n_micro, window)
+            loss_sum, grad_norm = self.train_step(batches, n_micro, window)
             s.train_time_s += time.perf_counter() - t0
             s.consumed += n_micro
             rank_samples += window
             s.step += 1
             s.samples += window * self.engine.world_size
-            s.last_loss = loss
-            self._agree_on_stop_flags(loss)
+            loss = self._agree_on_loss_and_stop_flags(loss_sum, window)
+            s.last_loss, s.last_grad_norm = loss, grad_norm
             if s.step % self.cfg.log.every_steps == 0 or s.diverged:
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
-                                 "loss": loss, "lr": lr, "time_s": s.train_time_s})
+                                 "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                                 "time_s": s.train_time_s})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -269,6 +323,9 @@ class Trainer:
         """Train until epochs, max_steps, the time budget, divergence or the target."""
         self._epoch_micro = self.plan.micro_batches_per_epoch
         wall_start = time.perf_counter()
+        finished = self._finished_before_start()
+        if finished is not None:
+            return finished
         progress = None
         if self.engine.is_main and self.cfg.log.progress:
             from tqdm import tqdm
@@ -282,7 +339,9 @@ class Trainer:
         done = self.state.stop_reason == "preempted" or self.state.diverged
         if self.state.last_eval_mark != self.state.samples and not done:
             self._evaluate_and_decide()
-        return self.summary(time.perf_counter() - wall_start)
+        summary = self.summary(time.perf_counter() - wall_start)
+        self._mark_done(summary)
+        return summary
 
     def _planned_steps(self) -> int:
         t = self.cfg.train
@@ -307,8 +366,10 @@ class Trainer:
         s = self.state
         return {"steps": s.step, "samples": s.samples, "epochs_run": self._epoch_progress(),
                 "wall_s": wall_s, "train_time_s": s.train_time_s,
-                "final_val_acc": s.val_acc, "final_val_loss": s.val_loss,
-                "final_train_loss": s.last_loss, "reached_target": s.reached_target,
+                **{f"final_{m.name}": math.nan for m in self.task.metrics},
+                **{f"final_{k}": v for k, v in s.metrics.items()},
+                "final_train_loss": s.last_loss, "final_grad_norm": s.last_grad_norm,
+                "reached_target": s.reached_target,
                 "steps_to_target": s.steps_to_target, "epochs_to_target": s.epochs_to_target,
                 "time_to_target_s": s.time_to_target_s, "diverged": s.diverged,
                 "stop_reason": s.stop_reason, "final_lr": self.schedule.lr,

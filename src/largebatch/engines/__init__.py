@@ -23,7 +23,15 @@ def resolve_engine_name(name: str, denv: DistEnv) -> str:
 
 def build_engine(cfg: Config, denv: DistEnv, device: torch.device,
                  plan: Optional[BatchPlan] = None) -> Engine:
-    """Instantiate the configured engine (DeepSpeed is imported only when asked for)."""
+    """Instantiate the configured engine (DeepSpeed is imported only when asked for).
+
+    Args:
+        cfg: the run configuration.
+        denv: where this process sits in the job.
+        device: the device this rank trains on.
+        plan: the run's batch plan; required by DeepSpeed (its batch fields come from it),
+            unused by the single and DDP engines.
+    """
     name = resolve_engine_name(cfg.engine.name, denv)
     kwargs = dict(precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip)
     if name == "single":
@@ -33,6 +41,9 @@ def build_engine(cfg: Config, denv: DistEnv, device: torch.device,
         from largebatch.engines.ddp import DDPEngine
         return DDPEngine(denv, device, **kwargs)
     if name == "deepspeed":
+        if plan is None:
+            raise ValueError("engine.name=deepspeed needs the run's batch plan (build_engine's "
+                             "plan argument)")
         from largebatch.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(denv, device, cfg=cfg, plan=plan, **kwargs)
     raise ConfigError(f"engine.name={name!r} is not one of auto|single|ddp|deepspeed")

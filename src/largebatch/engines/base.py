@@ -19,6 +19,19 @@ from largebatch.dist import DistEnv
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def total_grad_norm(params: list[nn.Parameter]) -> float:
+    """The 2-norm of all gradients together, as ``clip_grad_norm_`` measures it (no clipping).
+
+    Written out rather than ``torch.nn.utils.get_total_norm`` (torch >= 2.6 only): the norm of
+    the per-tensor norms (each in its gradient's dtype, as torch does), combined in float64.
+    """
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(g, 2.0).double() for g in grads])
+    return float(torch.linalg.vector_norm(norms, 2.0))
+
+
 class Engine(ABC):
     """Runs forward/backward/step for one rank; owns wrapping, syncing and clipping.
 
@@ -97,12 +110,30 @@ class Engine(ABC):
             params += [p for p in module.parameters() if p.requires_grad]
         return params
 
-    def step(self) -> Optional[float]:
-        """Clip (if asked), step the optimizer, zero the gradients; returns the grad norm."""
+    def step(self, compute_norm: bool = False) -> Optional[float]:
+        """Clip (if asked), step the optimizer, zero the gradients.
+
+        Called after the window's last backward, when DDP has averaged the gradients: the
+        norm is that of the global gradient, the same on every rank (a module placed with
+        ``setup_module`` owns its own sync; its local gradients count as they are).
+
+        Args:
+            compute_norm: measure the gradient norm even when not clipping (``log.grad_norm``).
+
+        Returns:
+            The total 2-norm of the (unscaled, pre-clip) gradients, or None when neither
+            clipping nor ``compute_norm`` asked for it.
+        """
         norm = None
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 or compute_norm:
+            # fp16: the scaler's gradients are multiplied by the loss scale; unscale first so
+            # the norm (and the clip) see the true gradient. The scaler's step then knows.
             self._scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip))
+            params = self.parameters()
+            if self.grad_clip > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            else:
+                norm = total_grad_norm(params)
         self._scaler.step(self.optimizer)
         self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

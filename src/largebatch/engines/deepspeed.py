@@ -24,11 +24,10 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from largebatch.config import Config, ConfigError
-from largebatch.data import mnist_size
 from largebatch.dist import DistEnv
-from largebatch.engines.base import Engine
+from largebatch.engines.base import Engine, total_grad_norm
 from largebatch.engines.ds_config import build_ds_config
-from largebatch.plan import BatchPlan, make_plan
+from largebatch.plan import BatchPlan
 
 
 def _skip_shm_comm_build(deepspeed: Any) -> None:
@@ -54,18 +53,18 @@ class DeepSpeedEngine(Engine):
         denv: where this process sits in the job.
         device: the device this rank trains on.
         cfg: the run configuration (engine.*, train.precision, optim.grad_clip, batch.*).
+        plan: the run's batch plan; DeepSpeed's batch fields are generated from it (the
+            engine never redoes the batch arithmetic).
         precision: 'fp32', 'bf16' or 'fp16'; must equal cfg.train.precision (the DeepSpeed
             config is generated from ``cfg``).
         grad_clip: max global gradient norm, applied by DeepSpeed (0 = off); must equal
             cfg.optim.grad_clip.
-        plan: the run's batch plan (default: derived from ``cfg`` and the launch's world size).
     """
 
     name = "deepspeed"
 
-    def __init__(self, denv: DistEnv, device: torch.device, cfg: Config,
-                 precision: str = "fp32", grad_clip: float = 0.0,
-                 plan: Optional[BatchPlan] = None) -> None:
+    def __init__(self, denv: DistEnv, device: torch.device, cfg: Config, plan: BatchPlan,
+                 precision: str = "fp32", grad_clip: float = 0.0) -> None:
         super().__init__(denv, device, precision=precision, grad_clip=grad_clip)
         # DeepSpeed scales fp16 losses itself; a second (torch) scaler would double-scale.
         self._scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -78,10 +77,13 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("train.precision=fp16 with engine.name=deepspeed needs a GPU; "
                               "DeepSpeed on CPU supports bf16 or fp32")
         self.cfg = cfg
-        self.plan = plan or make_plan(cfg, denv.world_size, mnist_size(cfg.data, train=True))
+        if plan.world_size != denv.world_size:
+            raise ValueError(f"the batch plan is for world_size {plan.world_size}, the launch "
+                             f"has {denv.world_size}")
+        self.plan = plan
         self.ds_config: dict[str, Any] = build_ds_config(cfg, self.plan)
         self.zero_stage: int = self.ds_config["zero_optimization"]["stage"]
-        if cfg.checkpoint.resume and not self._restorable():
+        if cfg.checkpoint.resume not in ("auto", "never") and not self._restorable():
             # Refuse now rather than on the requeued job, after hours of training.
             raise self._not_restorable_error()
 
@@ -133,14 +135,32 @@ class DeepSpeedEngine(Engine):
         """Backward of the already window-weighted loss (DeepSpeed must not divide it again)."""
         self.model.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> Optional[float]:
-        """DeepSpeed's step on the boundary: clip, step, zero grads; returns the grad norm."""
+    def step(self, compute_norm: bool = False) -> Optional[float]:
+        """DeepSpeed's step on the boundary: clip, step, zero grads; returns the grad norm.
+
+        ZeRO 1-3 and DeepSpeed's bf16 optimizer measure the global (averaged, unscaled)
+        gradient norm themselves in every step (``get_global_grad_norm``). At ZeRO 0 in fp32
+        the client optimizer steps the module directly and DeepSpeed records no norm, even
+        when it clips; there the module's gradients are already all-reduced after the
+        boundary backward, so the norm is measured on them before the step (which may clip).
+        None when DeepSpeed was told not to measure (``zero_optimization.compute_grad_norm``
+        false in a user JSON) and no fallback applies, or when nothing asked for a norm.
+        """
+        want = compute_norm or self.grad_clip > 0
+        before = None
+        # ZeRO 0, fp32: the module holds the global gradient, since DeepSpeed's (default)
+        # managed accumulation all-reduces it in the boundary's backward, before step().
+        if want and self._restorable():
+            before = total_grad_norm([p for p in self.model.module.parameters()
+                                      if p.requires_grad])
         # The trainer's last micro-batch set the boundary already; restating it keeps a step
         # after an empty window (never produced by the trainer) from silently being skipped.
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
+        if not want:
+            return None
         norm = self.model.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return before if norm is None else float(norm)
 
     # ---- state ----------------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -162,7 +162,7 @@ def _common(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: 
     _set(m, "data.subset", sweep.subset)
     _set(m, "data.test_subset", sweep.test_subset)
     _set(m, "train.max_steps", 0)
-    _set(m, "checkpoint.resume", False)
+    _set(m, "checkpoint.resume", "never")
     _set(m, "checkpoint.every_steps", 0)
     _set(m, "log.out_dir", str(out))
     return m

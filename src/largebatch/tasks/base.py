@@ -1,0 +1,101 @@
+"""The Task interface: what is computed and how it is scored, so the trainer is task-agnostic.
+
+A task owns the model parts (the replicated module the engine wraps, and sharded modules it
+must never wrap, such as a class-sharded Partial FC head), the loss of one micro-batch and its
+weight in the accumulation window, the evaluation (a dict of global metrics) and the primary
+metric (name and mode) that the target, the plateau logic and batch growth follow.
+
+The trainer calls, per optimizer step: ``begin_window`` with the labels of every micro-batch
+of the window (a no-op unless the task fixes something per window, like Partial FC's class
+sample), then per micro-batch ``loss`` and ``micro_weight``; and ``evaluate`` at its cadence.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named evaluation metric and whether larger ('max') or smaller ('min') is better."""
+
+    name: str
+    mode: str
+
+    def better(self, a: float, b: float) -> bool:
+        """True when ``a`` is strictly better than ``b``."""
+        return a > b if self.mode == "max" else a < b
+
+
+@dataclass
+class TaskParts:
+    """The modules a task trains.
+
+    Attributes:
+        model: replicated on every rank; the engine wraps it (DDP, DeepSpeed ZeRO).
+        sharded: modules whose parameters differ per rank and which do their own
+            communication (e.g. a class-sharded head); the engine places them, never wraps.
+    """
+
+    model: nn.Module
+    sharded: list[nn.Module] = field(default_factory=list)
+
+
+class Task(ABC):
+    """One kind of training problem (classification, face recognition, ...).
+
+    Args:
+        cfg: the run configuration.
+    """
+
+    name = "base"
+    #: Every metric ``evaluate`` returns; the first is the primary one unless overridden.
+    metrics: tuple[Metric, ...] = ()
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ---- model --------------------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> TaskParts:
+        """Fresh model parts (called after seeding, identically on every rank)."""
+
+    # ---- training -----------------------------------------------------------------------
+    def begin_window(self, labels: list[torch.Tensor]) -> None:
+        """Called once per optimizer step with this rank's labels of every micro-batch of the
+        window, before the first forward pass (default: nothing to fix per window)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch (a 0-d tensor whose backward trains the parts)."""
+
+    def micro_weight(self, n: int, window: int) -> float:
+        """Weight of a micro-batch of ``n`` samples in a window of ``window`` samples (this
+        rank's counts). The default makes the accumulated gradient the window's sample mean,
+        which DDP's averaging turns into the global batch mean."""
+        return n / window
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: Any, engine: Any) -> dict[str, float]:
+        """Metrics over the WHOLE evaluation set (reduced over ranks), the same on every rank."""
+
+    def primary_metric(self) -> Metric:
+        """The metric the target and the plateau logic follow (``train.target_metric`` or the
+        task's first metric)."""
+        name = self.cfg.train.target_metric or self.metrics[0].name
+        return self.metric(name, key="train.target_metric")
+
+    def metric(self, name: str, key: str) -> Metric:
+        """The metric called ``name``; a ConfigError naming ``key`` if the task has none."""
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        names = "|".join(m.name for m in self.metrics)
+        raise ConfigError(f"{key}={name!r} is not a metric of task {self.name} ({names})")
