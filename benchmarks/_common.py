@@ -20,8 +20,8 @@ SEED_CONFIG = REPO / "configs" / "mnist" / "seed.yaml"
 
 
 def default_data_root() -> str:
-    """``$LARGEBATCH_DATA_ROOT``, else ``../shared/data`` next to the repository (as in CI)."""
-    return os.environ.get("LARGEBATCH_DATA_ROOT", str(REPO.parent / "shared" / "data"))
+    """``$LARGEBATCH_DATA_ROOT``, else the repository's ``data/`` (the download folder)."""
+    return os.environ.get("LARGEBATCH_DATA_ROOT") or str(REPO / "data")
 
 
 def check_data_root(root: str) -> Path:

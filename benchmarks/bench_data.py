@@ -8,7 +8,7 @@ Part 2 trains seed_cnn through ``largebatch.run.train`` with the in-memory loade
 number of steps and reports the share of the loop spent waiting for data (the Trainer's
 data-wait vs compute split of its epoch record).
 
-    python3 benchmarks/bench_data.py --data-root /work/shared/data --repeats 3
+    python3 benchmarks/bench_data.py --data-root "$LARGEBATCH_DATA_ROOT" --repeats 3
 """
 from __future__ import annotations
 

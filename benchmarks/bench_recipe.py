@@ -13,8 +13,8 @@ it), except the seed recipe, which gets ``--seed-epochs`` so that it has room to
 target. Epochs to target are read at the first evaluation at or above the target, so their
 resolution is the evaluation cadence (6000 samples = 0.1 epoch by default).
 
-    python3 benchmarks/bench_recipe.py --data-root /work/shared/data
-    python3 benchmarks/bench_recipe.py --data-root /work/shared/data --seeds 1 2 --json out.json
+    python3 benchmarks/bench_recipe.py --data-root "$LARGEBATCH_DATA_ROOT"
+    python3 benchmarks/bench_recipe.py --data-root "$LARGEBATCH_DATA_ROOT" --seeds 1 2 --json out.json
 
 Times are training seconds to the target (evaluation excluded) on whatever machine runs it;
 on a shared CPU they move with the load, the epochs do not.

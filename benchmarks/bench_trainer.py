@@ -10,7 +10,7 @@ Repeats alternate which contender runs first, because this machine is noisy and 
 ``--clock cpu`` times both with this thread's CPU time instead (immune to other processes), and
 ``--model mlp`` (a ~4 ms step) exposes the Trainer's fixed per-step cost.
 
-    python3 benchmarks/bench_trainer.py --data-root /work/shared/data --repeats 9 --steps 40
+    python3 benchmarks/bench_trainer.py --data-root "$LARGEBATCH_DATA_ROOT" --repeats 9 --steps 40
     python3 benchmarks/bench_trainer.py --repeats 9 --steps 40 --clock cpu
     python3 benchmarks/bench_trainer.py --repeats 9 --steps 100 --model mlp --clock cpu
 """

@@ -12,7 +12,7 @@
 # With this workplace's device tool (its working-tree copy has no ../shared; the .gz files are
 # 11.6 MB, inside the 64 MiB carry limit), once, here, in the repository root:
 #   echo /.gpu_data/ >> .git/info/exclude
-#   mkdir -p .gpu_data/MNIST/raw && cp ../shared/data/MNIST/raw/*.gz .gpu_data/MNIST/raw/
+#   mkdir -p .gpu_data/MNIST/raw && cp "$LARGEBATCH_DATA_ROOT"/MNIST/raw/*.gz .gpu_data/MNIST/raw/
 # then run: command "bash benchmarks/gpu_check.sh .gpu_data", carry [".gpu_data"], timeout_s 420.
 #
 # Everything it writes goes to $OUT (the device tool's output folder) if set, else

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 SEED = "configs/mnist/seed.yaml"
 
@@ -45,7 +46,57 @@ def test_bad_input_exit_2_one_line(args, fragment):
     assert fragment in lines[0]
 
 
-def test_keys_lists_documented_keys():
-    proc = run_cli("keys")
-    assert proc.returncode == 0
-    assert "batch.global_size" in proc.stdout and "log.wandb.mode" in proc.stdout
+def _key_row(stdout: str, key: str) -> list[str]:
+    """The table row of ``key``, split into its columns (two or more spaces apart)."""
+    # Rows are indented by two spaces, wrapped docs by six (a doc may start with a key name).
+    rows = [ln for ln in stdout.splitlines() if re.match(rf"  {re.escape(key)}\s", ln)]
+    assert len(rows) == 1, (key, rows)
+    return re.split(r"\s{2,}", rows[0].strip())
+
+
+def test_keys_is_a_table_of_type_default_choices_and_doc():
+    proc = run_cli("keys", env=cli_env(COLUMNS="100", LARGEBATCH_DATA_ROOT=""))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert _key_row(out, "optim.name") == ["optim.name", "str", "sgd", "sgd, adamw, lars, lamb"]
+    assert _key_row(out, "batch.global_size") == ["batch.global_size", "int|null", "null"]
+    assert _key_row(out, "optim.betas") == ["optim.betas", "list[float]", "[0.9, 0.999]"]
+    assert _key_row(out, "data.root") == ["data.root", "str", "data"]
+    assert _key_row(out, "log.wandb.mode")[2:] == ["disabled", "disabled, offline, online"]
+    # The doc is printed under its key, and sections are headed by their docstring.
+    lines = out.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.split()[:1] == ["optim.name"])
+    assert "'sgd', 'adamw', 'lars' or 'lamb'" in lines[i + 1]
+    assert "optim: Optimizer and learning-rate scaling." in lines
+    # Every leaf key has a row; no Python repr leaks (None, dataclass reprs, quotes of lists).
+    from largebatch.config import describe
+    for key, _, _ in describe():
+        _key_row(out, key)
+    for leak in ("ArmConfig(", "None", "True", "False", "['"):
+        assert leak not in out.replace("'sgd', 'adamw'", ""), leak
+    assert max(len(ln) for ln in lines) <= 100
+
+
+def test_keys_default_follows_data_root_env_and_prefix_filters():
+    proc = run_cli("keys", "data", env=cli_env(COLUMNS="100", LARGEBATCH_DATA_ROOT="some/where"))
+    assert proc.returncode == 0, proc.stderr
+    assert _key_row(proc.stdout, "data.root")[:3] == ["data.root", "str", "some/where"]
+    assert "optim.name" not in proc.stdout
+    bad = run_cli("keys", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "largebatch: error: no config key starts with 'nope' (see `largebatch keys`)"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["plan"], ["study"], ["keys"]])
+def test_help_has_examples(command):
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    examples = proc.stdout.split("examples:\n", 1)[1]
+    lines = [ln.strip() for ln in examples.splitlines() if ln.strip().startswith("largebatch ")]
+    assert lines, proc.stdout
+    if command:
+        assert all(ln.split()[1] == command[0] for ln in lines), lines
+    if command == ["plan"]:  # the plan examples read no data: each must run as printed
+        for ln in lines:
+            ran = run_cli(*ln.split()[1:])
+            assert ran.returncode == 0, (ln, ran.stderr)

@@ -2,30 +2,87 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import sys
+import textwrap
 from typing import Optional, Sequence
 
-from largebatch.config import ConfigError, describe, load_config
+from largebatch.config import ConfigError, load_config
+
+DESCRIPTION = ("Train with one global batch on 1..N processes (DDP, DeepSpeed), plan the batch "
+               "arithmetic, run the MNIST batch-size study, list the config keys.")
+OVERRIDES = "dotted key=value overrides, applied over the file (see `largebatch keys`)"
+EXAMPLES = {
+    None: """\
+examples:
+  largebatch train configs/mnist/seed.yaml                       # one process, CPU or one GPU
+  largebatch train configs/mnist/mlp.yaml optim.lr=0.1 train.epochs=2
+  torchrun --standalone --nproc_per_node 2 -m largebatch train configs/mnist/seed.yaml \\
+      batch.global_size=120 engine.name=ddp                      # 2 ranks, one global batch
+  largebatch plan configs/mnist/seed.yaml batch.global_size=4096 --world-size 4
+  largebatch study configs/mnist/study.yaml study.quick=true     # the batch-size study, ~1 min
+  largebatch keys optim                                          # what every optim.* key means
+
+Bad input (unknown key, wrong type, inconsistent batch) is one line on stderr and exit code 2.
+MNIST is read from data.root ($LARGEBATCH_DATA_ROOT, else data/), downloaded there if missing.""",
+    "train": """\
+examples:
+  largebatch train configs/mnist/seed.yaml
+  largebatch train configs/mnist/seed.yaml data.root=../mnist data.download=false
+  largebatch train configs/mnist/large_batch.yaml batch.global_size=4096 batch.micro_size=512
+  torchrun --standalone --nproc_per_node 4 -m largebatch train configs/mnist/seed.yaml \\
+      batch.global_size=240 engine.name=ddp
+
+Writes log.out_dir/{plan.json,config.json,metrics.jsonl,summary.json,model.pt}.""",
+    "plan": """\
+examples:
+  largebatch plan configs/mnist/seed.yaml
+  largebatch plan configs/mnist/seed.yaml batch.global_size=4096 batch.micro_size=512 --world-size 4
+  largebatch plan configs/mnist/large_batch.yaml --world-size 4 --json
+
+Reads no data: prints global = micro x accum x world, steps per epoch, the scaled LR, warmup.""",
+    "study": """\
+examples:
+  largebatch study configs/mnist/study.yaml                      # the full sweep, < 1 h on 2 cores
+  largebatch study configs/mnist/study.yaml study.quick=true     # a smoke version, ~1 min
+  largebatch study configs/mnist/study.yaml study.batch_sizes=[60,600] log.out_dir=runs/s2
+
+Writes log.out_dir/study.md with its table, figures and verdicts.""",
+    "keys": """\
+examples:
+  largebatch keys                  # every key: type, default, allowed values, meaning
+  largebatch keys optim            # only optim.*
+  largebatch keys schedule.plateau""",
+}
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="largebatch", description=__doc__)
+    p = argparse.ArgumentParser(prog="largebatch", description=DESCRIPTION, epilog=EXAMPLES[None],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one run")
+    t = _sub(sub, "train", "train one run")
     t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides (CLI > file)")
-    pl = sub.add_parser("plan", help="print the batch plan without training")
-    pl.add_argument("config")
-    pl.add_argument("overrides", nargs="*")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES)
+    pl = _sub(sub, "plan", "print the batch plan without training")
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help=OVERRIDES)
     pl.add_argument("--world-size", type=int, default=None,
                     help="world size to plan for (default: the launch's)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
-    st = sub.add_parser("study", help="run the MNIST batch-size study")
-    st.add_argument("config")
-    st.add_argument("overrides", nargs="*")
-    sub.add_parser("keys", help="list every config key with its default and meaning")
+    st = _sub(sub, "study", "run the MNIST batch-size study")
+    st.add_argument("config", help="study YAML (e.g. configs/mnist/study.yaml)")
+    st.add_argument("overrides", nargs="*", help=OVERRIDES)
+    k = _sub(sub, "keys", "list every config key with its type, default, choices and meaning")
+    k.add_argument("prefix", nargs="?", default="",
+                   help="show only keys starting with this (e.g. optim, schedule.plateau)")
     return p
 
 
@@ -55,10 +112,61 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_keys(_: argparse.Namespace) -> int:
-    for key, default, text in describe():
-        print(f"{key} = {default!r}\n    {text}")
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from largebatch.config import Config, _CHOICES  # read-only: the allowed values per key
+    from largebatch.config_io import key_rows
+    rows = [r for r in key_rows(Config) if r.key.startswith(args.prefix)]
+    if not rows:
+        raise ConfigError(f"no config key starts with {args.prefix!r} (see `largebatch keys`)")
+    width = max(80, min(120, shutil.get_terminal_size((100, 24)).columns))
+    print(render_keys(rows, _CHOICES, width))
     return 0
+
+
+def render_keys(rows: list, choices: dict, width: int = 100) -> str:
+    """The key reference as a table grouped by section; each key's doc wrapped beneath it."""
+    from largebatch.config_io import format_value
+    cells = [(r.key, r.type, format_value(r.default), ", ".join(map(str, choices.get(r.key, ()))))
+             for r in rows]
+    key_w = max(len(c[0]) for c in cells)
+    type_w = max(len(c[1]) for c in cells)
+    default_w = min(24, max(len(c[2]) for c in cells))
+    choice_w = max(16, width - 2 - key_w - type_w - default_w - 6)
+    widths = (key_w, type_w, default_w, choice_w)
+    out = [_table_line(("key", "type", "default", "choices"), widths),
+           _table_line(tuple("-" * w for w in widths), widths)]
+    by_section = itertools.groupby(zip(rows, cells), key=lambda rc: rc[0].key.rsplit(".", 1)[0])
+    for section, group in by_section:
+        group = list(group)
+        out += ["", f"{section}: {group[0][0].section_doc}"]
+        for row, cell in group:
+            out.append(_table_line(cell, widths))
+            out += textwrap.wrap(row.doc, width - 6, initial_indent=" " * 6,
+                                 subsequent_indent=" " * 6)
+    return "\n".join(out)
+
+
+def _table_line(cells: tuple, widths: tuple) -> str:
+    """One table row; a cell longer than its column wraps onto continuation lines."""
+    wrapped = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(cells, widths)]
+    lines = []
+    for parts in itertools.zip_longest(*wrapped, fillvalue=""):
+        lines.append("  " + "  ".join(p.ljust(w) for p, w in zip(parts, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _all_ranks_printed() -> None:
+    """Wait until every rank has printed an error that all ranks raised (a failed download).
+
+    torchrun stops the other workers as soon as one exits with an error, so without this a
+    rank that is a little behind would be killed before it says why.
+    """
+    import torch.distributed as torch_dist
+    if torch_dist.is_initialized():
+        try:
+            torch_dist.barrier()
+        except RuntimeError:  # a rank is gone after all: nothing left to wait for
+            pass
 
 
 def _hard_exit(code: int) -> None:
@@ -89,11 +197,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         code = commands[args.command](args)
     except ConfigError as exc:
-        print(f"largebatch: error: {exc}", file=sys.stderr)
+        print(f"largebatch: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+        if getattr(exc, "all_ranks", False):
+            _all_ranks_printed()
     except KeyboardInterrupt:
         print("largebatch: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `largebatch keys | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     if hard:
         _hard_exit(code)
     sys.exit(code)

@@ -1,14 +1,27 @@
-"""MNIST through torchvision, as raw uint8 tensors (the in-memory path) or a Dataset."""
+"""MNIST through torchvision, as raw uint8 tensors (the in-memory path) or a Dataset.
+
+``prepare_data`` runs once per run before any loader: one process per filesystem downloads, the
+other ranks wait for its outcome, so ranks never write the same files at once.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
+import socket
+import sys
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
+import torch.distributed as torch_dist
 
 from largebatch.config import ConfigError, DataConfig
+from largebatch.dist import DistEnv
 
 MEAN, STD = 0.1307, 0.3081
 SIZES = {"train": 60000, "test": 10000}
+# A stalled mirror (accepts the connection, never answers) must fail, not hang every rank.
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 def _missing(root: str) -> ConfigError:
@@ -18,12 +31,31 @@ def _missing(root: str) -> ConfigError:
                        f"data.download=true with network access")
 
 
+def _download_failed(cfg: DataConfig, exc: BaseException) -> ConfigError:
+    where = Path(cfg.root).resolve() / "MNIST" / "raw"
+    reason = " ".join(str(exc).split()) or type(exc).__name__  # torchvision's is multi-line
+    return ConfigError(f"data.root={cfg.root!r}: MNIST download failed ({reason}); set "
+                       f"data.mirror (or $LARGEBATCH_MNIST_MIRROR) to a reachable mirror, or "
+                       f"put the files in {where} and set data.download=false")
+
+
+def _mnist_class(mirror: str) -> type:
+    """torchvision's MNIST, or a subclass that downloads from ``mirror`` only."""
+    from torchvision.datasets import MNIST
+    if not mirror:
+        return MNIST
+    # Same class name: torchvision derives the folder (root/MNIST/raw) from it.
+    return type("MNIST", (MNIST,), {"mirrors": [mirror.rstrip("/") + "/"]})
+
+
 def mnist_dataset(cfg: DataConfig, train: bool, transform=None):
     """The torchvision dataset; a one-line ConfigError when it is missing."""
-    from torchvision.datasets import MNIST
     try:
-        return MNIST(root=cfg.root, train=train, download=cfg.download, transform=transform)
-    except (RuntimeError, OSError) as exc:  # "Dataset not found" / URL errors
+        return _mnist_class(cfg.mirror)(root=cfg.root, train=train, download=cfg.download,
+                                        transform=transform)
+    except (RuntimeError, OSError, ValueError) as exc:  # "Dataset not found" / URL errors
+        if cfg.download:
+            raise _download_failed(cfg, exc) from exc
         raise _missing(cfg.root) from exc
 
 
@@ -47,3 +79,67 @@ def mnist_size(cfg: DataConfig, train: bool = True) -> int:
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28), bit-identical to ToTensor()+Normalize."""
     return images.unsqueeze(1).float().div_(255).sub_(MEAN).div_(STD)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    # torchvision's urlopen has no timeout of its own; it uses the process default.
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _fetch(cfg: DataConfig) -> Optional[str]:
+    """Check (and download when allowed) the files here; the error line, or None when fine."""
+    chatter = io.StringIO()
+    try:
+        # torchvision prints "Downloading ..." lines: shown on success, folded into the
+        # one-line error on failure.
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S), contextlib.redirect_stdout(chatter):
+            mnist_dataset(cfg, train=False)  # downloads all four files; loads the small split
+    except ConfigError as exc:
+        return str(exc)
+    sys.stdout.write(chatter.getvalue())
+    return None
+
+
+def prepare_data(cfg: DataConfig, denv: DistEnv) -> None:
+    """Make sure MNIST is in ``cfg.root`` on every node before any rank reads it.
+
+    One process per filesystem writes: global rank 0 checks the files and downloads what is
+    missing (when ``data.download`` allows it) while all other ranks wait; then the local rank
+    0 of every other node does the same, which finds the files already there when ``data.root``
+    is shared by the nodes and fills a node-local root otherwise. Each turn ends in one
+    collective that carries its outcome, so a failed download is the same one-line ConfigError
+    on every rank, never a traceback on one rank and a hang on the others. Call it once the
+    process group exists (``run.setup_runtime``); a single, unlaunched process just checks.
+
+    Args:
+        cfg: the data section (root, download, mirror).
+        denv: where this process sits in the job.
+
+    Raises:
+        ConfigError: the files are missing and could not be downloaded (on every rank).
+    """
+    for my_turn in (denv.rank == 0, denv.local_rank == 0 and denv.rank != 0):
+        error = _agree(_fetch(cfg) if my_turn else None, denv)
+        if error:
+            exc = ConfigError(error)
+            exc.all_ranks = True  # every rank raises it: the CLI lets all print before exiting
+            raise exc
+
+
+def _agree(error: Optional[str], denv: DistEnv) -> Optional[str]:
+    """The first rank's error line on every rank (a collective when there is a group)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return error
+    outcomes: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(outcomes, (denv.rank, error))
+    failed = [(rank, text) for rank, text in outcomes if text]
+    if failed and error is None:
+        rank, text = failed[0]
+        return f"{text} (reported by rank {rank}, which fetches the data for its node)"
+    return error
