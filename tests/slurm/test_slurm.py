@@ -129,7 +129,7 @@ def preempted(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
     tmp = tmp_path_factory.mktemp("preempted")
     job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
                  *train_args(mnist_root, tmp / "run"), f"checkpoint.dir={tmp}/ck",
-                 "checkpoint.resume=true", LARGEBATCH_LAUNCH="srun",
+                 "checkpoint.resume=auto", LARGEBATCH_LAUNCH="srun",
                  MASTER_PORT=str(free_port()))
     # Signal mid-training (not during start-up): the workers checkpoint at one common step.
     metrics = tmp / "run" / "metrics.jsonl"
@@ -208,3 +208,51 @@ def test_usr1_requeues_and_srun_form_matches_torchrun_form(cluster: Cluster, pre
     got = torch.load(preempted.out_dir / "model.pt", weights_only=True)["model"]
     for key in ref:
         assert torch.equal(got[key], ref[key]), key
+
+
+@pytest.fixture(scope="module")
+def terminated(cluster: Cluster, torchrun_job: Job, mnist_root: Path, tmp_path_factory) -> Job:
+    """The torchrun form sent SIGTERM (what Slurm sends on pre-emption) mid-training."""
+    tmp = tmp_path_factory.mktemp("terminated")
+    job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
+                 *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()))
+    metrics = tmp / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 5:
+        assert time.monotonic() < deadline, f"job {job} never started training"
+        time.sleep(0.05)
+    cluster.run("scancel", "--batch", "--signal=TERM", job)
+    return Job(job, tmp / "run", tmp / f"job-{job}.out")
+
+
+def test_sigterm_requeues_torchrun_form_and_matches_uninterrupted(cluster: Cluster,
+                                                                  terminated: Job,
+                                                                  torchrun_job: Job):
+    info = wait_job(cluster, terminated.job_id)
+    text = terminated.log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
+    assert "SIGTERM" in text and "resumable at step" in text and "restart 1" in text, text
+    records = [json.loads(line) for line in (terminated.out_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, MAX_STEPS + 1))
+    ref = torch.load(torchrun_job.out_dir / "model.pt", weights_only=True)["model"]
+    got = torch.load(terminated.out_dir / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_run_without_checkpoints_is_not_requeued(cluster: Cluster, mnist_root: Path,
+                                                 tmp_path: Path):
+    """checkpoint.resume=never writes no sets: a signal ends the job; requeueing it would
+    restart from step 0 at every time limit (the loop the old script had)."""
+    job = submit(cluster, "--ntasks=1", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
+                 *train_args(mnist_root, tmp_path / "run"), "batch.micro_size=60",
+                 "checkpoint.resume=never", MASTER_PORT=str(free_port()))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT  # it may queue behind the requeued jobs
+    log = tmp_path / f"job-{job}.out"
+    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 3:
+        assert time.monotonic() < deadline, (job, log.is_file() and log.read_text()[-3000:])
+        time.sleep(0.05)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    info = wait_job(cluster, job)
+    text = (tmp_path / f"job-{job}.out").read_text()
+    assert info["Restarts"] == "0" and "not requeued (fresh" in text, text[-3000:]
