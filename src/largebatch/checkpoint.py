@@ -222,6 +222,30 @@ def verify_set(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def run_status(directory: Path) -> dict[str, Any]:
+    """What a (re)launch in ``directory`` would do, read from disk without loading a tensor.
+
+    Returns:
+        ``{"state": "finished"|"resumable"|"fresh", "step": int|None, "set": str|None}``:
+        finished when the done marker names a set that is still complete, resumable when a
+        complete set exists (the newest one), fresh otherwise. Used by the sbatch scripts to
+        requeue only a run that has something left to do.
+    """
+    done = None
+    try:
+        done = json.loads((directory / DONE).read_text())
+    except (OSError, ValueError):
+        pass
+    for found in reversed(list_sets(directory)):
+        try:
+            verify_set(found.path)
+        except CorruptSet:
+            continue
+        state = "finished" if done and done.get("set") == found.name else "resumable"
+        return {"state": state, "step": found.step, "set": found.name}
+    return {"state": "fresh", "step": None, "set": None}
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -281,7 +305,7 @@ class Checkpointer:
     Args:
         directory: ``checkpoint.dir``; one filesystem that every rank sees.
         rank: this process's rank.
-        world_size: ranks in the job (a resume needs the same; resharding is not done).
+        world_size: ranks in the job (a set of another world size is resharded on load).
         barrier: waits for every rank (the engine's).
         agree: max-all-reduce of a few floats (the engine's ``reduce_scalars``), by which every
             rank adopts rank 0's choice of set; not called for one process.
@@ -414,10 +438,7 @@ class Checkpointer:
             found = CheckpointSet(path, step, suffix, read_manifest(path))
         except CorruptSet as exc:
             raise ConfigError(f"checkpoint.resume: {exc}") from None
-        if found.manifest["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {path} was written by world_size "
-                              f"{found.manifest['world_size']}, this launch has "
-                              f"{self.world_size} (resharding is not supported)")
+        # Another world size is allowed (a re-launch on fewer or more GPUs): ``load`` reshards.
         if origin == 0:
             check_same_run(found.manifest.get("config", {}), self.config, path)
         return found
@@ -481,17 +502,49 @@ class Checkpointer:
         return _load_bytes(data, path)
 
     def load(self, trainer: Any, found: CheckpointSet) -> None:
-        """Restore ``trainer`` and this rank's RNG streams from set ``found``."""
+        """Restore ``trainer`` and this rank's RNG streams from set ``found``.
+
+        A set written at another world size is resharded (``_load_resharded``).
+        """
         state = self._read(found, TRAINER_FILE)
-        mine = self._read(found, rank_file(self.rank))
-        if mine.get("per_rank") is not None:
-            state["per_rank"] = mine["per_rank"]
-        trainer.load_state_dict(state)
-        set_rng_state(mine["rng"])
+        old_world = int(found.manifest["world_size"])
+        if old_world != self.world_size:
+            self._load_resharded(trainer, found, state, old_world)
+        else:
+            mine = self._read(found, rank_file(self.rank))
+            if mine.get("per_rank") is not None:
+                state["per_rank"] = mine["per_rank"]
+            trainer.load_state_dict(state)
+            set_rng_state(mine["rng"])
         self.loaded = found
         self._last_step, self._last_name = found.step, found.name
         if self.rank == 0 and self.verbose and not self._loaded_final():
             print(f"resumed from {found.path} at step {found.step}", flush=True)
+
+    def _load_resharded(self, trainer: Any, found: CheckpointSet, state: dict[str, Any],
+                        old_world: int) -> None:
+        """Resume a set written at ``old_world`` ranks on this launch's world size.
+
+        The replicated state (model, optimizer, schedule, counters) loads as usual; every rank
+        reads ALL old rank files (sha256-checked, weights_only) and its sharded modules (head
+        shards and their optimizer rows) are cut again for the new layout; the trainer maps
+        the data position and rebuilds the batch plan for the new world. Per-rank RNG streams
+        cannot map between world sizes: each rank is reseeded from (train.seed, rank, step).
+        So a resharded resume is exact for the weights at load time, but not bit-identical
+        afterwards to an uninterrupted run at either world size.
+        """
+        from largebatch.dist import rank_seed, seed_everything
+        if self.rank == 0 and self.verbose:
+            print(f"resharding checkpoint from world {old_world} to {self.world_size}",
+                  flush=True)
+        olds = [self._read(found, rank_file(r)) for r in range(old_world)]
+        per_rank = [o.get("per_rank") for o in olds]
+        state["per_rank"] = None
+        state["per_rank_all"] = None if any(p is None for p in per_rank) else per_rank
+        state["resharded_from"] = old_world
+        trainer.load_state_dict(state)
+        seed = int(self.config.get("train", {}).get("seed", 0))
+        seed_everything(rank_seed(seed, self.rank) ^ int(found.step))
 
     # ---- the finished run -----------------------------------------------------------------
     def done(self) -> Optional[dict[str, Any]]:

@@ -51,6 +51,13 @@ examples:
   largebatch study configs/mnist/study.yaml study.batch_sizes=[60,600] log.out_dir=runs/s2
 
 Writes log.out_dir/study.md with its table, figures and verdicts.""",
+    "status": """\
+examples:
+  largebatch status configs/mnist/seed.yaml log.out_dir=runs/a     # finished|resumable|fresh
+  largebatch status configs/mnist/seed.yaml --json
+
+Reads the run's checkpoint directory (no tensor is loaded). The sbatch scripts requeue a
+pre-empted job only while this says 'resumable'.""",
     "keys": """\
 examples:
   largebatch keys                  # every key: type, default, allowed values, meaning
@@ -80,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     st = _sub(sub, "study", "run the MNIST batch-size study")
     st.add_argument("config", help="study YAML (e.g. configs/mnist/study.yaml)")
     st.add_argument("overrides", nargs="*", help=OVERRIDES)
+    s = _sub(sub, "status", "say whether a run is finished, resumable or fresh")
+    s.add_argument("config", help="YAML config file (with the run's overrides)")
+    s.add_argument("overrides", nargs="*", help=OVERRIDES)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     k = _sub(sub, "keys", "list every config key with its type, default, choices and meaning")
     k.add_argument("prefix", nargs="?", default="",
                    help="show only keys starting with this (e.g. optim, schedule.plateau)")
@@ -92,7 +103,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     world = args.world_size if args.world_size is not None else detect_launch().world_size
     plan = plan_for(cfg, world)
+    if cfg.task.name == "face":
+        from largebatch.plan import describe_face_head, face_head_plan
+        if args.json:
+            print(json.dumps({**plan.to_json(), "face_head": face_head_plan(cfg, plan)}))
+        else:
+            print(plan.describe() + "\n" + describe_face_head(cfg, plan))
+        return 0
     print(json.dumps(plan.to_json()) if args.json else plan.describe())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from largebatch.checkpoint import run_status
+    from largebatch.run import checkpoint_dir
+    cfg = load_config(args.config, args.overrides)
+    directory = checkpoint_dir(cfg)
+    status = {**run_status(directory), "dir": str(directory)}
+    if args.json:
+        print(json.dumps(status))
+    else:
+        where = f" at step {status['step']} ({status['set']})" if status["step"] is not None else ""
+        print(f"{status['state']}{where}: {directory}")
     return 0
 
 
@@ -191,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    commands = {"train": _cmd_train, "plan": _cmd_plan, "study": _cmd_study, "keys": _cmd_keys}
+    commands = {"train": _cmd_train, "plan": _cmd_plan, "study": _cmd_study, "keys": _cmd_keys,
+                "status": _cmd_status}
     # A real process (not a test calling main([...])) that trained exits hard once flushed.
     hard = argv is None and args.command in ("train", "study")
     try:

@@ -7,6 +7,7 @@ docstring in ``metadata["doc"]`` so ``largebatch`` can print what a key means.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,6 +66,29 @@ class TaskConfig:
 
     name: str = doc("'classification' (log-softmax net + NLL; metrics val_acc, val_loss).",
                     "classification")
+
+
+@dataclass
+class FaceConfig:
+    """Face recognition (task.name=face): the Partial FC head and the synthetic identities."""
+
+    num_classes: int = doc("Identities C the head classifies (sharded by class over ranks).", 300)
+    embedding_size: int = doc("Embedding dimension d of the backbone and the class centres.", 32)
+    sample_rate: float = doc("Partial FC: share r of each shard's classes used per window "
+                             "(0 < r <= 1; every class present in the window is kept).", 1.0)
+    margin: str = doc("'arcface' (m2), 'cosface' (m3) or 'combined' (m1, m2, m3).", "arcface")
+    s: float = doc("Logit scale of the margin softmax.", 64.0)
+    m1: float = doc("Multiplicative angular margin (combined only; 1 = none).", 1.0)
+    m2: float = doc("Additive angular margin (arcface, combined).", 0.5)
+    m3: float = doc("Additive cosine margin (cosface, combined).", 0.4)
+    sparse_update: bool = doc("Momentum and weight decay touch only the window's sampled rows.",
+                              True)
+    samples_per_class: int = doc("synthetic_faces: training samples per identity.", 20)
+    eval_identities: int = doc("synthetic_faces: held-out identities of the verification set.",
+                               100)
+    eval_pairs: int = doc("synthetic_faces: verification pairs (half of the same identity).", 600)
+    noise: float = doc("synthetic_faces: std of the per-sample noise around a prototype.", 0.5)
+    image_size: int = doc("synthetic_faces: images are 3 x image_size x image_size.", 16)
 
 
 @dataclass
@@ -195,7 +219,10 @@ class TrainConfig:
     time_budget_s: float = doc("Stop when training time exceeds this (0 = none).", 0.0)
     device: str = doc("'auto', 'cpu' or 'cuda'.", "auto")
     precision: str = doc("'fp32', 'bf16' or 'fp16' (autocast).", "fp32")
-    max_loss: float = doc("A training loss above this (or non-finite) counts as divergence.", 1e4)
+    max_loss: float = doc("A training loss above this counts as divergence.", 1e4)
+    nonfinite: str = doc("A non-finite loss or gradient on any rank: 'stop' (end with a set of "
+                         "the last good step) or 'skip' (drop the update on every rank, count "
+                         "it in skipped_steps).", "stop")
 
 
 @dataclass
@@ -292,6 +319,7 @@ class Config:
     """The whole run configuration."""
 
     task: TaskConfig = doc("Task.", factory=TaskConfig)
+    face: FaceConfig = doc("Face recognition (task.name=face).", factory=FaceConfig)
     data: DataConfig = doc("Data.", factory=DataConfig)
     model: ModelConfig = doc("Model.", factory=ModelConfig)
     batch: BatchConfig = doc("Batch plan inputs.", factory=BatchConfig)
@@ -319,10 +347,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 ADAPT_RULES = ("rank", "timm")  # optim.adapt_rule; param_groups implements both
 
 _CHOICES = {
-    "task.name": ("classification",),
-    "data.name": ("mnist",),
+    "task.name": ("classification", "face"),
+    "data.name": ("mnist", "synthetic_faces"),
     "data.loader": ("memory", "torch"),
-    "model.name": ("seed_cnn", "mlp"),
+    "model.name": ("seed_cnn", "mlp", "tiny_face"),
     "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "optim.scale_rule": ("none", "linear", "sqrt"),
     "optim.adapt_rule": ADAPT_RULES,
@@ -332,6 +360,7 @@ _CHOICES = {
     "schedule.plateau.action": ("reduce_lr", "grow_batch"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
     "engine.name": ("auto", "single", "ddp", "deepspeed"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "log.wandb.mode": ("disabled", "offline", "online"),
@@ -344,8 +373,9 @@ def validate(cfg: Config) -> None:
         value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}")
+    _check_finite(cfg)
     positive = {"optim.lr": cfg.optim.lr, "train.epochs": cfg.train.epochs,
-                "log.every_steps": cfg.log.every_steps}
+                "log.every_steps": cfg.log.every_steps, "train.max_loss": cfg.train.max_loss}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
@@ -355,7 +385,10 @@ def validate(cfg: Config) -> None:
                     "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
                     "optim.weight_decay": cfg.optim.weight_decay,
                     "optim.grad_clip": cfg.optim.grad_clip,
-                    "train.time_budget_s": cfg.train.time_budget_s}
+                    "train.time_budget_s": cfg.train.time_budget_s,
+                    "data.test_subset": cfg.data.test_subset,
+                    "data.num_workers": cfg.data.num_workers,
+                    "engine.expected_world_size": cfg.engine.expected_world_size}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
@@ -372,6 +405,23 @@ def validate(cfg: Config) -> None:
     _check_applicable(cfg)  # first: "does not apply" says more than a range error would
     _check_optim(cfg.optim)
     check_schedule(cfg.schedule)
+
+
+#: Float keys where infinity means something ("never"); NaN is refused everywhere.
+_INF_ALLOWED = ("train.max_loss",)
+
+
+def _check_finite(cfg: Config, obj: Any = None, prefix: str = "") -> None:
+    """NaN (and, but for _INF_ALLOWED, +-inf) in any float key: every comparison with NaN is
+    False, so a range check below would let it through and the run would fail much later."""
+    obj = cfg if obj is None else obj
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(cfg, value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            if not (math.isinf(value) and key in _INF_ALLOWED):
+                raise ConfigError(f"{key}={value} must be a finite number")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -70,6 +70,31 @@ class MetricsLogger:
                        if isinstance(v, (int, float)) and k != "step"}
             self._wandb.log(numbers, step=record.get("step"))
 
+    def drop_after(self, step: int) -> int:
+        """Remove records past ``step`` (a resumed run redoes them), atomically; returns how many.
+
+        A SIGKILLed run logged steps after its last checkpoint set; without this the resumed
+        run would log them again and metrics.jsonl would hold those steps twice.
+        """
+        if not self.enabled or self._file is None:
+            return 0
+        path = self.out_dir / "metrics.jsonl"
+        self._file.close()
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                late = int(json.loads(line).get("step", 0)) > step
+            except (ValueError, TypeError, AttributeError):
+                late = True  # a line cut by the kill
+            dropped += late
+            if not late:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
+        return dropped
+
     def write_json(self, name: str, obj: Any) -> None:
         """A JSON file in the output directory, written atomically."""
         if self.enabled:

@@ -180,3 +180,56 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int) -> BatchPlan:
                               f"{cfg.schedule.warmup_epochs} are both set; give one")
         warmup = round(cfg.schedule.warmup_epochs * plan.steps_per_epoch)
     return dataclasses.replace(plan, warmup_steps=warmup)
+
+
+def _mib(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the value >= 1 (B, KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def face_head_plan(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+    """The Partial FC head's memory per rank and logits per micro-step for ``cfg.face``.
+
+    Weights + gradient + optimizer state of the largest shard (``largebatch.face.fc_memory``;
+    SGD momentum for sgd/lars when optim.momentum > 0, AdamW moments for adamw/lamb), the
+    ``(global micro-batch x sampled classes)`` logits, and the expected share of classes
+    present in one global batch (a sample_rate below it keeps mostly positives).
+    """
+    from largebatch.face import expected_positive_share, fc_memory
+    f = cfg.face
+    if cfg.optim.name in ("adamw", "lamb"):
+        optimizer = "adamw"
+    else:
+        optimizer = "sgd" if cfg.optim.momentum > 0 else "none"
+    dtype = "fp32"  # the head keeps fp32 class centres; autocast only casts the logits' inputs
+    mem = fc_memory(f.num_classes, f.embedding_size, plan.world_size, f.sample_rate,
+                    dtype=dtype, optimizer=optimizer,
+                    global_micro_batch=plan.micro_size * plan.world_size,
+                    sparse_update=f.sparse_update)
+    mem["expected_positive_share"] = expected_positive_share(f.num_classes, plan.global_size)
+    mem["optimizer"] = optimizer
+    return mem
+
+
+def describe_face_head(cfg: Config, plan: BatchPlan) -> str:
+    """``largebatch plan`` lines for a face config: FC memory, logits, a sample_rate warning."""
+    m = face_head_plan(cfg, plan)
+    f = cfg.face
+    lines = [
+        f"  face head: {f.num_classes} classes x d={f.embedding_size}, {m['num_local']} per rank "
+        f"(largest shard), sample_rate {f.sample_rate:g} -> {m['num_sample']} rows per window",
+        f"  fc memory per rank: weights {_mib(m['weight_bytes'])} + gradient "
+        f"{_mib(m['grad_bytes'])} + optimizer ({m['optimizer']}) {_mib(m['optimizer_bytes'])} "
+        f"= {_mib(m['total_bytes'])}",
+        f"  logits per micro-step: {plan.micro_size * plan.world_size} x {m['num_sample']} = "
+        f"{m['logits_elements']} elements ({_mib(m['logits_bytes'])} fp32 per rank)",
+    ]
+    share = m["expected_positive_share"]
+    if f.sample_rate < share:
+        lines.append(f"  warning: face.sample_rate={f.sample_rate:g} is below the expected share "
+                     f"of classes present in one global batch of {plan.global_size} "
+                     f"({share:.3f}): most windows keep only positives, no negatives are sampled")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +28,7 @@ from largebatch.trainer import Trainer
 
 def plan_for(cfg: Config, world_size: int) -> BatchPlan:
     """The batch plan for ``cfg`` at ``world_size`` (no data is read)."""
-    return make_plan(cfg, world_size, dataset_size(cfg.data, train=True))
+    return make_plan(cfg, world_size, dataset_size(cfg, train=True))
 
 
 def check_world_size(cfg: Config, denv: DistEnv) -> None:
@@ -80,16 +81,16 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     engine = build_engine(cfg, denv, device, plan)
     optimizer = build_optimizer(cfg.optim, model, lr=plan.peak_lr)
     engine.setup(model, optimizer)
-    for module in parts.sharded:
-        engine.setup_module(module)
+    for module in parts.sharded:  # never wrapped; own optimizer, same LR and boundary
+        engine.setup_sharded(module, task.sharded_optimizer(module, lr=plan.peak_lr))
     seed_everything(rank_seed(cfg.train.seed, denv.rank))
     planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
     if cfg.train.max_steps:
         planned = min(planned, cfg.train.max_steps)
-    schedule = build_schedule(engine.optimizer, cfg.schedule, plan,
+    schedule = build_schedule(engine.optimizers, cfg.schedule, plan,
                               cfg.schedule.total_steps or planned,
                               reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
-    train_loader, eval_loader = build_loaders(cfg.data, plan.micro_size, denv, cfg.train.seed,
+    train_loader, eval_loader = build_loaders(cfg, plan.micro_size, denv, cfg.train.seed,
                                               device)
     checkpointer = make_checkpointer(cfg, denv, engine, quiet)
     source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
@@ -105,6 +106,11 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     return Run(cfg, denv, plan, engine, trainer, logger)
 
 
+def checkpoint_dir(cfg: Config) -> Path:
+    """Where the run's checkpoint sets live (checkpoint.dir, else log.out_dir/checkpoints)."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.log.out_dir) / "checkpoints"
+
+
 def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
                       quiet: bool = False) -> Optional[Checkpointer]:
     """The run's checkpointer, in checkpoint.dir (default: log.out_dir/checkpoints).
@@ -115,7 +121,7 @@ def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
     (the study's runs), and may not start over an earlier run's sets, which would go stale.
     """
     ck = cfg.checkpoint
-    directory = Path(ck.dir) if ck.dir else Path(cfg.log.out_dir) / "checkpoints"
+    directory = checkpoint_dir(cfg)
     if ck.resume == "never" and ck.dir is None and not ck.every_steps:
         check_fresh(directory)
         return None
@@ -129,9 +135,13 @@ def watch_preemption(trainer: Trainer) -> None:
     (``--signal=USR1@T``): finish the optimizer step, every rank checkpoints the same step,
     exit 0. The rank-reduced stop flag makes one signalled rank enough."""
     previous = {}
+    # Weakly: the handler outlives the run, and must not keep its trainer (the model, the engine
+    # and the process group with its threads) alive after train() returns.
+    trainer_ref = weakref.ref(trainer)
 
     def request_stop(signum: int, frame: Any) -> None:
-        if not getattr(trainer, "fit_over", False):
+        trainer = trainer_ref()
+        if trainer is not None and not getattr(trainer, "fit_over", False):
             trainer.stop_requested = True
             return
         # Training is over (a host process calling train() lives on): the old handler again.

@@ -46,6 +46,7 @@ class RunState:
     diverged: bool = False
     stop_reason: str = ""
     plan_changes: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # windows dropped for non-finite loss/gradients (or fp16 overflow)
 
     def state_dict(self) -> dict[str, Any]:
         """A plain dict of the counters."""
@@ -93,7 +94,7 @@ class Trainer:
         self.state = RunState()
         self.timer = Timer()
         self.stop_requested = False  # set by a signal handler (pre-emption): save, then stop
-        self._over_budget = self._preempted = False
+        self._over_budget = self._preempted = self._nonfinite = False
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
 
@@ -107,12 +108,17 @@ class Trainer:
         return loss.detach()
 
     def train_step(self, batches: Iterator[Batch], n_micro: int,
-                   window_samples: int) -> tuple[float, Optional[float]]:
+                   window_samples: int) -> tuple[float, Optional[float], bool]:
         """One optimizer step over ``n_micro`` micro-batches holding ``window_samples`` samples.
 
-        Returns this rank's loss *sum* over the window (each micro-batch mean x its samples,
-        so ranks can be combined sample-weighted) and the global gradient norm (None when
-        neither clipping nor ``log.grad_norm`` asks the engine for it).
+        The step's one collective (loss, stop flags, non-finite flag) runs between the last
+        backward and the update, so every rank decides alike whether to apply it.
+
+        Returns:
+            The global batch's mean loss, the global gradient norm (None when neither
+            clipping nor ``log.grad_norm`` asks the engine for it), and whether the update
+            was applied (False: dropped for non-finite loss or gradients on some rank, or
+            an fp16 grad-scaler overflow).
         """
         # The whole window is fetched first: a task may fix something from all of its labels
         # before the first forward pass (Partial FC samples its classes once per window, so
@@ -132,16 +138,46 @@ class Trainer:
             with self.engine.accumulate(is_boundary=i == n_micro - 1):
                 loss = self.forward_backward_step(
                     x, y, self.task.micro_weight(len(y), window_samples))
-            total += loss.double() * len(y)
+            total += loss.double() * self.task.report_weight(len(y), window_samples)
         t2 = time.perf_counter()
         self.timer.compute_s += t2 - t1
-        grad_norm = self.engine.step(compute_norm=self.cfg.log.grad_norm)
-        self.schedule.step()
         loss_sum = float(total)  # float() waits for the device
+        bad = not math.isfinite(loss_sum) or not self._grads_finite()
+        loss, any_bad = self._agree_on_loss_and_stop_flags(loss_sum, window_samples, bad,
+                                                           time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        grad_norm, applied = None, not any_bad
+        if applied:
+            grad_norm = self.engine.step(compute_norm=self.cfg.log.grad_norm)
+            # fp16: the grad scaler skipped optimizer.step() on inf/NaN gradients.
+            applied = not getattr(self.engine, "last_step_skipped", False)
+        else:
+            # Nothing of this window may reach the next one's accumulated gradients.
+            self.engine.zero_grad()
+            for module in getattr(self.engine, "extra_modules", ()):
+                module.zero_grad(set_to_none=True)
+        if applied:
+            self.schedule.step()
         if self._sync:
             torch.cuda.synchronize()
-        self.timer.compute_s += time.perf_counter() - t2
-        return loss_sum, grad_norm
+        self.timer.compute_s += time.perf_counter() - t3
+        return loss, grad_norm, applied
+
+    def _grads_finite(self) -> bool:
+        """Whether this rank's gradients are all finite (one max-abs per tensor, one sync).
+
+        fp16 is left to the grad scaler: its scaled gradients overflow by design and it
+        skips that update itself. Gradients an engine keeps out of ``.grad`` (ZeRO-2/3
+        partitions) are not seen; the loss check still applies there.
+        """
+        if getattr(self.engine, "precision", "") == "fp16":
+            return True
+        grads = [p.grad for p in self.engine.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        # inf-norm = max |g|: inf only for an inf element, NaN propagates; no overflow.
+        peaks = torch._foreach_norm(grads, float("inf"))
+        return bool(torch.isfinite(torch.stack(peaks)).all())
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,7 +262,31 @@ class Trainer:
             return self.state.samples // every > self.state.last_eval_mark // every
         return self.state.consumed == self._epoch_micro  # epoch end
 
-    def _agree_on_loss_and_stop_flags(self, loss_sum: float, samples: int) -> float:
+    def _on_dropped_step(self, loss: float) -> bool:
+        """A window whose update was not applied: counted (skip, fp16 overflow) or the run
+        stops at the last good step, which gets a set, as diverged (stop). Returns True to
+        stop."""
+        s = self.state
+        if not self._nonfinite or self.cfg.train.nonfinite == "skip":
+            s.skipped_steps += 1
+            self.logger.log({"kind": "skip", "step": s.step, "samples": s.samples,
+                             "loss": loss, "skipped_steps": s.skipped_steps,
+                             "reason": "nonfinite" if self._nonfinite else "fp16_overflow"})
+            return False
+        # Divergence, as the study counts it (diverged_step = the last good step); the record
+        # of the attempted step is the one a resume from the last good set trims again.
+        s.diverged, s.stop_reason = True, "diverged"
+        self.logger.log({"kind": "train", "step": s.step + 1, "epoch": self._epoch_progress(),
+                         "samples": s.samples, "loss": loss, "applied": False,
+                         "time_s": s.train_time_s, "skipped_steps": s.skipped_steps})
+        if self.engine.is_main:
+            print(f"largebatch: non-finite loss or gradients at step {s.step + 1} (loss "
+                  f"{loss}); stopped with the last good state, step {s.step}", flush=True)
+        self._maybe_checkpoint()
+        return True
+
+    def _agree_on_loss_and_stop_flags(self, loss_sum: float, samples: int, nonfinite: bool,
+                                      elapsed_s: float) -> tuple[float, bool]:
         """The global batch's mean loss, and the stop decisions every rank takes with it.
 
         Time budget and pre-emption are rank-local facts; every rank must act on them at the
@@ -235,19 +295,26 @@ class Trainer:
         when distributed), and a sum > 0 means "some rank said yes". Divergence is decided on
         the reduced global loss, which every rank holds bit for bit, so all ranks agree.
 
+        A non-finite loss or gradient on any rank (``nonfinite``) is a flag too: it is
+        agreed before the update, so every rank drops (or stops at) the same step.
+
         Returns:
-            The sample-weighted mean training loss over all ranks' windows.
+            The sample-weighted mean training loss over all ranks' windows, and whether some
+            rank saw a non-finite loss or gradient.
         """
         t, s = self.cfg.train, self.state
-        values = [loss_sum, float(samples),
-                  float(bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s),
-                  float(self.stop_requested and self.checkpointer is not None)]
+        spent = s.train_time_s + elapsed_s  # this step's time so far counts
+        values = [loss_sum if math.isfinite(loss_sum) else 0.0, float(samples),
+                  float(bool(t.time_budget_s) and spent >= t.time_budget_s),
+                  float(self.stop_requested and self.checkpointer is not None),
+                  float(nonfinite)]
         if self.engine.world_size > 1:
             values = self.engine.reduce_scalars(values, op="sum")
-        loss = values[0] / values[1]
-        s.diverged = s.diverged or not math.isfinite(loss) or loss > t.max_loss
+        self._nonfinite = values[4] > 0
+        loss = math.nan if self._nonfinite else values[0] / values[1]
+        s.diverged = s.diverged or (not self._nonfinite and loss > t.max_loss)
         self._over_budget, self._preempted = values[2] > 0, values[3] > 0
-        return loss
+        return loss, self._nonfinite
 
     def _maybe_checkpoint(self) -> None:
         """A set every checkpoint.every_steps and at the last step, whatever ended the run
@@ -255,7 +322,9 @@ class Trainer:
         run would be at that step."""
         every = self.cfg.checkpoint.every_steps
         s = self.state
-        if self.checkpointer is not None and (s.stop_reason or (every and s.step % every == 0)):
+        if self.checkpointer is None or getattr(self.checkpointer, "_last_step", None) == s.step:
+            return  # this step's set exists (a stop right after a periodic set)
+        if s.stop_reason or (every and s.step % every == 0):
             self.checkpointer(self)
 
     def _finished_before_start(self) -> Optional[dict[str, Any]]:
@@ -289,19 +358,21 @@ class Trainer:
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
             lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
-            loss_sum, grad_norm = self.train_step(batches, n_micro, window)
+            loss, grad_norm, applied = self.train_step(batches, n_micro, window)
             s.train_time_s += time.perf_counter() - t0
-            s.consumed += n_micro
+            s.consumed += n_micro  # a dropped window's data is consumed all the same
             rank_samples += window
-            s.step += 1
-            s.samples += window * self.engine.world_size
-            loss = self._agree_on_loss_and_stop_flags(loss_sum, window)
-            s.last_loss, s.last_grad_norm = loss, grad_norm
-            if s.step % self.cfg.log.every_steps == 0 or s.diverged:
+            if not applied and self._on_dropped_step(loss):
+                break
+            if applied:
+                s.step += 1
+                s.samples += window * self.engine.world_size
+                s.last_loss, s.last_grad_norm = loss, grad_norm
+            if applied and (s.step % self.cfg.log.every_steps == 0 or s.diverged):
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
                                  "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                                 "time_s": s.train_time_s})
+                                 "time_s": s.train_time_s, "skipped_steps": s.skipped_steps})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -336,7 +407,7 @@ class Trainer:
             self._run_epoch(progress)
         if progress is not None:
             progress.close()
-        done = self.state.stop_reason == "preempted" or self.state.diverged
+        done = self.state.stop_reason in ("preempted", "nonfinite") or self.state.diverged
         if self.state.last_eval_mark != self.state.samples and not done:
             self._evaluate_and_decide()
         summary = self.summary(time.perf_counter() - wall_start)
@@ -351,15 +422,55 @@ class Trainer:
     # ---- state (exact resume) ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything shared by all ranks: counters, current plan, schedule, model, optimizer."""
+        engine = self.engine.state_dict()
+        # A rank's own part (e.g. its head shard) goes to that rank's file, not rank 0's.
+        per_rank = engine.pop("per_rank", None)
         return {"run": self.state.state_dict(), "plan": self.plan.to_json(),
-                "schedule": self.schedule.state_dict(), "engine": self.engine.state_dict()}
+                "schedule": self.schedule.state_dict(), "engine": engine, "per_rank": per_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict``: the same step, data position, LR and batch plan."""
         self.state.load_state_dict(state["run"])
-        self.plan = BatchPlan.from_json(state["plan"])
+        old_plan = BatchPlan.from_json(state["plan"])
+        if state.get("resharded_from") is None:
+            self.plan = old_plan
+        else:  # another world size: self.plan was made for this world from the config
+            self._map_resharded_position(old_plan, int(state["resharded_from"]))
         self.schedule.load_state_dict(state["schedule"])
-        self.engine.load_state_dict(state["engine"])
+        self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),
+                                     "per_rank_all": state.get("per_rank_all")})
+        self.logger.drop_after(self.state.step)  # what a killed run logged past this set
+
+    def _map_resharded_position(self, old: BatchPlan, old_world: int) -> None:
+        """Keep the global batch of ``old`` on this world; move the epoch position by samples.
+
+        The position (consumed micro-batches x old micro x old world samples) continues at
+        the same sample count when that is a whole number of new micro-batches, else at the
+        next window boundary (said in one line).
+
+        Raises:
+            ConfigError: the global batch does not divide into this world's micro-batches
+                (``build_run``'s plan raises it first for the configured global batch).
+        """
+        import dataclasses
+        from largebatch.plan import resolve_batch
+        new, world = self.plan, self.engine.world_size
+        if new.global_size != old.global_size:  # the batch grew before the save: keep it
+            _, m, a = resolve_batch(old.global_size, new.micro_size, None, world)
+            new = dataclasses.replace(old, micro_size=m, accum_steps=a, world_size=world,
+                                      dataset_size=new.dataset_size)
+        self.plan = new
+        samples = self.state.consumed * old.micro_size * old_world
+        unit = new.micro_size * self.engine.world_size
+        if samples % unit == 0:
+            consumed = samples // unit
+        else:  # no whole new micro-batch ends there: start at the next window boundary
+            window = unit * new.accum_steps
+            consumed = -(-samples // window) * new.accum_steps
+            if self.engine.is_main:
+                print(f"resharding: epoch position {samples} samples is not a whole number of "
+                      f"micro-batches of {unit}; continuing at {consumed * unit}", flush=True)
+        self.state.consumed = min(consumed, new.micro_batches_per_epoch)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         """The run's outcome (summary.json)."""
@@ -372,5 +483,6 @@ class Trainer:
                 "reached_target": s.reached_target,
                 "steps_to_target": s.steps_to_target, "epochs_to_target": s.epochs_to_target,
                 "time_to_target_s": s.time_to_target_s, "diverged": s.diverged,
-                "stop_reason": s.stop_reason, "final_lr": self.schedule.lr,
+                "stop_reason": s.stop_reason, "skipped_steps": s.skipped_steps,
+                "final_lr": self.schedule.lr,
                 "plan_changes": s.plan_changes, "plan": self.initial_plan.to_json()}

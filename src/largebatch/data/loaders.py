@@ -16,6 +16,10 @@ from largebatch.data.mnist import MEAN, STD, load_mnist_tensors, mnist_dataset, 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+#: Label of an evaluation padding sample: torch's default ``ignore_index``, so
+#: ``F.nll_loss``/``F.cross_entropy`` already leave it out; a task counts only ``y != PAD_LABEL``.
+PAD_LABEL = -100
+
 
 class BatchLoader(Protocol):
     """What the trainer needs from a loader: micro-batches for one rank, epoch by epoch."""
@@ -100,18 +104,27 @@ class TorchLoader:
             ds = Subset(ds, range(min(limit, len(ds))))
         self.sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=cfg.drop_last)
+        # The iterator draws its workers' base seed from this generator, not from the global
+        # torch RNG: otherwise creating it after a resume's RNG restore (or not creating it,
+        # mid-epoch) would shift every later dropout mask. Seeded from (seed, epoch), so an
+        # epoch's worker seeds are the same whether the run was resumed or not.
+        self.seed, self.epoch = seed, 0
+        self.generator = torch.Generator()
         self.loader = DataLoader(ds, batch_size=batch_size, sampler=self.sampler,
                                  drop_last=cfg.drop_last, num_workers=cfg.num_workers,
-                                 persistent_workers=cfg.num_workers > 0)
+                                 persistent_workers=cfg.num_workers > 0,
+                                 generator=self.generator)
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the sampler (its permutation seed)."""
         self.sampler.set_epoch(epoch)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(self.loader)
 
 
@@ -128,9 +141,20 @@ def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world: int, 
 
 def build_eval_loader(cfg: DataConfig, rank: int, world: int, device: torch.device,
                       batch_size: int = 1000) -> MemoryLoader:
-    """The test split, sharded without padding (every sample counted exactly once)."""
+    """The test split, sharded so that every sample is counted exactly once.
+
+    Every rank gets ``ceil(n / world)`` samples, the short ranks topped up with copies of
+    sample 0 labelled ``PAD_LABEL``: each rank then runs the same number of forward passes
+    (each one a collective under ZeRO-3, which would hang on an uneven split), and the task
+    leaves the padding out of its sums.
+    """
     images, labels = load_mnist_tensors(cfg, train=False)
     mine = torch.arange(rank, len(labels), world)
+    per_rank = math.ceil(len(labels) / world)
+    pad = per_rank - len(mine)
+    shard_x, shard_y = images[mine], labels[mine]
+    if pad:
+        shard_x = torch.cat([shard_x, images[:1].expand(pad, *images.shape[1:])])
+        shard_y = torch.cat([shard_y, torch.full((pad,), PAD_LABEL, dtype=labels.dtype)])
     where = device if cfg.on_device else torch.device("cpu")
-    return MemoryLoader(images[mine], labels[mine], batch_size, 0, 1, 0, shuffle=False,
-                        device=where)
+    return MemoryLoader(shard_x, shard_y, batch_size, 0, 1, 0, shuffle=False, device=where)

@@ -7,7 +7,7 @@ other module knows which datasets exist.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +30,19 @@ class DatasetSpec:
     prepare: Callable[[DataConfig, DistEnv], None]
     train_loader: Callable[..., object]
     eval_loader: Callable[..., object]
+    #: The callables take the whole ``Config`` (e.g. ``face.*`` sizes a synthetic set).
+    full_config: bool = False
+
+
+def _section(spec: DatasetSpec, cfg: Any) -> Any:
+    """What ``spec``'s callables take: the whole Config or its data section."""
+    data = getattr(cfg, "data", cfg)
+    if spec.full_config:
+        if data is cfg:
+            raise ValueError(f"data.name={data.name!r} needs the whole Config, not its data "
+                             f"section")
+        return cfg
+    return data
 
 
 def _mnist() -> DatasetSpec:
@@ -39,7 +52,13 @@ def _mnist() -> DatasetSpec:
                        eval_loader=build_eval_loader)
 
 
-_DATASETS: dict[str, Callable[[], DatasetSpec]] = {"mnist": _mnist}
+def _synthetic_faces() -> DatasetSpec:
+    from largebatch.data.faces import synthetic_faces_spec
+    return synthetic_faces_spec()
+
+
+_DATASETS: dict[str, Callable[[], DatasetSpec]] = {"mnist": _mnist,
+                                                   "synthetic_faces": _synthetic_faces}
 
 
 def register(name: str, factory: Callable[[], DatasetSpec]) -> None:
@@ -54,14 +73,19 @@ def dataset(name: str) -> DatasetSpec:
     return _DATASETS[name]()
 
 
-def dataset_size(cfg: DataConfig, train: bool = True) -> int:
-    """Samples in the configured split (what the batch plan is computed from)."""
-    return dataset(cfg.name).size(cfg, train)
+def dataset_size(cfg: Any, train: bool = True) -> int:
+    """Samples in the configured split (what the batch plan is computed from).
+
+    ``cfg`` is the whole Config or (for datasets that need only it) its data section.
+    """
+    spec = dataset(getattr(cfg, "data", cfg).name)
+    return spec.size(_section(spec, cfg), train)
 
 
-def build_loaders(cfg: DataConfig, micro_size: int, denv: DistEnv, seed: int,
+def build_loaders(cfg: Any, micro_size: int, denv: DistEnv, seed: int,
                   device: torch.device) -> tuple[object, object]:
-    """This rank's training and evaluation loaders for the configured dataset."""
-    spec = dataset(cfg.name)
-    return (spec.train_loader(cfg, micro_size, denv.rank, denv.world_size, seed, device),
-            spec.eval_loader(cfg, denv.rank, denv.world_size, device))
+    """This rank's training and evaluation loaders (``cfg``: the Config or its data section)."""
+    spec = dataset(getattr(cfg, "data", cfg).name)
+    arg = _section(spec, cfg)
+    return (spec.train_loader(arg, micro_size, denv.rank, denv.world_size, seed, device),
+            spec.eval_loader(arg, denv.rank, denv.world_size, device))

@@ -7,6 +7,7 @@ boundary), never a branch in the loop.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Iterator, Optional
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from largebatch.config import ConfigError
 from largebatch.dist import DistEnv
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +54,8 @@ class Engine(ABC):
         self.grad_clip = grad_clip
         self.model: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.extra_modules: list[nn.Module] = []
+        self.extra_modules: list[nn.Module] = []  # sharded: placed, never wrapped
+        self.extra_optimizers: list[Optional[torch.optim.Optimizer]] = []
         self._scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- identity -------------------------------------------------------------------------
@@ -76,15 +79,37 @@ class Engine(ABC):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Place and wrap ``model``, adopt ``optimizer``; returns the module to call."""
 
-    def setup_module(self, module: nn.Module) -> nn.Module:
+    def setup_sharded(self, module: nn.Module,
+                      optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
         """Place a module the engine must NOT wrap (e.g. a class-sharded Partial FC head).
 
-        Its parameters are stepped by the same optimizer but never all-reduced by DDP nor
-        partitioned by ZeRO: the module itself owns its cross-rank communication.
+        Its parameters differ per rank: they are never all-reduced by DDP nor partitioned by
+        ZeRO (the module owns its cross-rank communication), and ``optimizer`` (its own, e.g.
+        ``PartialFCSGD``) is stepped right after the replicated model's, at the same boundary.
+        Clipping and the logged norm use the true global norm: the replicated model's
+        (averaged) squared norm plus the all-reduced sum of the modules' ``grad_sq_norm()``.
+        Its state is saved per rank (``state_dict()['per_rank']``).
+
+        Raises:
+            ConfigError: with fp16 (the grad scaler cannot unscale a module's own gradients).
         """
+        if self._scaler.is_enabled():
+            raise ConfigError("train.precision=fp16 is not supported with a sharded module "
+                              "(e.g. the Partial FC head); use bf16 or fp32")
         module = module.to(self.device)
         self.extra_modules.append(module)
+        self.extra_optimizers.append(optimizer)
         return module
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """``setup_sharded(module)`` without an optimizer: placed, never wrapped nor stepped."""
+        return self.setup_sharded(module, None)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer stepped at the boundary (the model's, then the sharded modules');
+        the LR schedule drives all of them."""
+        return [self.optimizer, *(o for o in self.extra_optimizers if o is not None)]
 
     # ---- the step -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -104,18 +129,57 @@ class Engine(ABC):
         self._scaler.scale(loss).backward()
 
     def parameters(self) -> list[nn.Parameter]:
-        """All trainable parameters the optimizer steps (wrapped model + extra modules)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for module in self.extra_modules:
-            params += [p for p in module.parameters() if p.requires_grad]
-        return params
+        """The replicated model's trainable parameters (the sharded modules' are their own)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sharded_sq_norm(self) -> float:
+        """Sum over ranks of the sharded modules' squared gradient norms (a collective; 0.0
+        without sharded modules, no collective then)."""
+        if not self.extra_modules:
+            return 0.0
+        local = sum(float(m.grad_sq_norm()) for m in self.extra_modules
+                    if hasattr(m, "grad_sq_norm"))
+        return self.reduce_scalars([local], op="sum")[0]
+
+    def _step_sharded(self) -> None:
+        """Step and zero the sharded modules' own optimizers (after the model's step)."""
+        for opt in self.extra_optimizers:
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        """Drop every gradient of the window without stepping (a skipped, non-finite step):
+        the model's and the sharded modules' (whose open window is closed too)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for module, opt in zip(self.extra_modules, self.extra_optimizers):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            if hasattr(module, "end_window"):
+                module.end_window()
+
+    def _global_norm_and_clip(self, params: list[nn.Parameter]) -> float:
+        """True global norm over the replicated and the sharded parameters; clip both by one
+        coefficient (torch's ``clip_grad_norm_`` formula) when ``grad_clip`` is set."""
+        norm = math.sqrt(total_grad_norm(params) ** 2 + self.sharded_sq_norm())
+        if self.grad_clip > 0:
+            coef = min(1.0, self.grad_clip / (norm + 1e-6))
+            if coef < 1.0:
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+                for m in self.extra_modules:
+                    if hasattr(m, "mul_grad_"):
+                        m.mul_grad_(coef)
+        return norm
 
     def step(self, compute_norm: bool = False) -> Optional[float]:
-        """Clip (if asked), step the optimizer, zero the gradients.
+        """Clip (if asked), step the optimizers, zero the gradients.
 
         Called after the window's last backward, when DDP has averaged the gradients: the
-        norm is that of the global gradient, the same on every rank (a module placed with
-        ``setup_module`` owns its own sync; its local gradients count as they are).
+        norm is that of the global gradient, the same on every rank, including the sharded
+        modules' (their shard norms are all-reduced; see ``setup_sharded``).
 
         Args:
             compute_norm: measure the gradient norm even when not clipping (``log.grad_norm``).
@@ -130,12 +194,19 @@ class Engine(ABC):
             # the norm (and the clip) see the true gradient. The scaler's step then knows.
             self._scaler.unscale_(self.optimizer)
             params = self.parameters()
-            if self.grad_clip > 0:
+            if self.extra_modules:
+                norm = self._global_norm_and_clip(params)
+            elif self.grad_clip > 0:
                 norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
             else:
                 norm = total_grad_norm(params)
+        scale = self._scaler.get_scale() if self._scaler.is_enabled() else None
         self._scaler.step(self.optimizer)
         self._scaler.update()
+        # fp16: the scaler skipped optimizer.step() (inf/NaN gradients) iff it lowered the
+        # scale; the trainer then neither steps the schedule nor counts the step.
+        self.last_step_skipped = scale is not None and self._scaler.get_scale() < scale
+        self._step_sharded()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -173,16 +244,50 @@ class Engine(ABC):
         return getattr(self.model, "module", self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and grad-scaler state (rank-0 view; full, unsharded)."""
+        """Model, optimizer and grad-scaler state (rank-0 view; full, unsharded), and under
+        ``per_rank`` this rank's sharded modules (the checkpointer writes it to each rank's
+        own file; it holds their optimizers' rows, see ``PartialFC.get_extra_state``)."""
         return {"model": self.unwrapped().state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self._scaler.state_dict(),
-                "extra": [m.state_dict() for m in self.extra_modules]}
+                "per_rank": self.sharded_state_dict()}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's sharded modules' state dicts, with the layout they were written on."""
+        return {"rank": self.rank, "world_size": self.world_size,
+                "sharded": [m.state_dict() for m in self.extra_modules]}
+
+    def load_sharded_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        """Restore ``sharded_state_dict`` of this rank (same world size and rank)."""
+        if state is None:
+            if self.extra_modules:
+                raise ValueError("the checkpoint holds no per-rank state of the sharded "
+                                 "modules (written before they existed?)")
+            return
+        if not self.extra_modules and not state["sharded"]:
+            return  # nothing sharded: the layout does not matter
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            raise ValueError(f"sharded state of rank {state['rank']} of {state['world_size']} "
+                             f"cannot load on rank {self.rank} of {self.world_size}: use "
+                             f"load_resharded(every old rank's state)")
+        for module, sd in zip(self.extra_modules, state["sharded"], strict=True):
+            module.load_state_dict(sd)
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Restore the sharded modules from EVERY old rank's ``sharded_state_dict`` (any world
+        size): each module's shards are cut again for this rank (``largebatch.face.reshard``)."""
+        from largebatch.face import reshard
+        for i, module in enumerate(self.extra_modules):
+            module.load_state_dict(reshard([s["sharded"][i] for s in states],
+                                           self.world_size, self.rank))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` captured."""
+        """Restore what ``state_dict`` captured (``per_rank``: this rank's own entry; or
+        ``per_rank_all``: every old rank's entry, written at another world size)."""
         self.unwrapped().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._scaler.load_state_dict(state["scaler"])
-        for module, sd in zip(self.extra_modules, state.get("extra", [])):
-            module.load_state_dict(sd)
+        if state.get("per_rank_all") is not None:
+            self.load_resharded(state["per_rank_all"])
+        else:
+            self.load_sharded_state_dict(state.get("per_rank"))

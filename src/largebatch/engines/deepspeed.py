@@ -16,6 +16,7 @@ accumulation steps), and DeepSpeed's ``step()`` is called once per window, on th
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any, Iterator, Optional
 
@@ -153,14 +154,35 @@ class DeepSpeedEngine(Engine):
         if want and self._restorable():
             before = total_grad_norm([p for p in self.model.module.parameters()
                                       if p.requires_grad])
+        # The sharded modules' (e.g. the Partial FC head's) share of the global norm, before
+        # their own optimizers step (a collective: every rank, every step that wants it).
+        head_sq = self.sharded_sq_norm() if want else 0.0
         # The trainer's last micro-batch set the boundary already; restating it keeps a step
         # after an empty window (never produced by the trainer) from silently being skipped.
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
+        self._step_sharded()  # largebatch steps the head, DeepSpeed never sees it
         if not want:
             return None
         norm = self.model.get_global_grad_norm()
-        return before if norm is None else float(norm)
+        norm = before if norm is None else float(norm)
+        if norm is None or not self.extra_modules:
+            return norm
+        return math.sqrt(norm ** 2 + head_sq)
+
+    def setup_sharded(self, module: nn.Module,
+                      optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
+        """As ``Engine.setup_sharded``; the module stays outside DeepSpeed (no ZeRO).
+
+        Raises:
+            ConfigError: with ``optim.grad_clip`` (DeepSpeed clips the backbone by its own
+                norm inside its step; one coefficient over backbone + head is not available).
+        """
+        if self.grad_clip > 0 and optimizer is not None:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} with engine.name=deepspeed and "
+                              f"a sharded head is not supported (DeepSpeed clips the backbone "
+                              f"by its own norm); use engine.name=ddp or optim.grad_clip=0")
+        return super().setup_sharded(module, optimizer)
 
     # ---- state ----------------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -200,7 +222,7 @@ class DeepSpeedEngine(Engine):
                 "optimizer": self.optimizer.state_dict() if self._restorable() else None,
                 "zero_stage": self.zero_stage,
                 "rank": self.rank,
-                "extra": [m.state_dict() for m in self.extra_modules]}
+                "per_rank": self.sharded_state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` (a resume): supported at ZeRO 0 in fp32 only.
@@ -217,5 +239,7 @@ class DeepSpeedEngine(Engine):
             raise self._not_restorable_error()
         self.unwrapped().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for module, sd in zip(self.extra_modules, state.get("extra", [])):
-            module.load_state_dict(sd)
+        if state.get("per_rank_all") is not None:  # written at another world size
+            self.load_resharded(state["per_rank_all"])
+        else:
+            self.load_sharded_state_dict(state.get("per_rank"))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ class LRSchedule:
     """Sets every param group's LR from the step count; one object, one ``state_dict``.
 
     Args:
-        optimizer: the optimizer whose groups it drives.
+        optimizer: the optimizer whose groups it drives, or a list of them (all set alike).
         cfg: the schedule section.
         plan: the batch plan (peak LR and warmup steps come from it).
         total_steps: planned optimizer steps including warmup (for cosine/poly).
@@ -117,10 +117,15 @@ class LRSchedule:
         ConfigError: a schedule value is out of range.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, plan: BatchPlan,
+    def __init__(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+                 cfg: ScheduleConfig, plan: BatchPlan,
                  total_steps: int, reduce_mean: Optional[Callable[[float], float]] = None) -> None:
         check_schedule(cfg)
-        self.optimizer = optimizer
+        # Several optimizers (the backbone's and a sharded head's) follow one LR; the first
+        # is the one ``lr`` reports.
+        self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) or \
+            hasattr(optimizer, "param_groups") else list(optimizer)
+        self.optimizer = self.optimizers[0]
         self.reduce_mean = reduce_mean or (lambda x: x)
         self.cfg = cfg
         self.peak_lr = plan.peak_lr
@@ -164,8 +169,9 @@ class LRSchedule:
 
     def _apply(self) -> None:
         lr = self.base_lr(self.step_count) * self.scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def step(self) -> None:
         """Advance one optimizer step (call once per optimizer step, never per micro-batch)."""
@@ -225,7 +231,7 @@ class LRSchedule:
         self._apply()
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, plan: BatchPlan,
+def build_schedule(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], cfg: ScheduleConfig, plan: BatchPlan,
                    total_steps: int,
                    reduce_mean: Optional[Callable[[float], float]] = None) -> LRSchedule:
     """The configured schedule.

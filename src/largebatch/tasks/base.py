@@ -81,6 +81,25 @@ class Task(ABC):
         which DDP's averaging turns into the global batch mean."""
         return n / window
 
+    def report_weight(self, n: int, window: int) -> float:
+        """Weight of a micro-batch's detached loss in the LOGGED training loss.
+
+        The trainer adds ``loss x report_weight`` over this rank's micro-batches, sums that
+        over ranks and divides by the global window's sample count. The default (``n``) is
+        right for a loss that is this rank's micro-batch mean. A loss that is already a
+        share of the global window's total (Partial FC: summed over the gathered batch,
+        divided by the window's global count, the same value on every rank) returns
+        ``window``: then sum_ranks(window_r) x sum_micro(loss) / sum_ranks(window_r) is the
+        window's loss exactly, whatever the micro-batch sizes.
+        """
+        return float(n)
+
+    def sharded_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of one of ``TaskParts.sharded`` (the engine steps it at the boundary,
+        the LR schedule drives it like the model's)."""
+        raise NotImplementedError(f"task {self.name} has sharded modules but no optimizer "
+                                  f"for them")
+
     # ---- evaluation ---------------------------------------------------------------------
     @abstractmethod
     def evaluate(self, model: nn.Module, loader: Any, engine: Any) -> dict[str, float]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largebatch.data.loaders import PAD_LABEL
 from largebatch.models import build_model
 from largebatch.tasks.base import Metric, Task, TaskParts
 
@@ -34,8 +35,9 @@ class ClassificationTask(Task):
             with engine.autocast():
                 out = model(x.to(engine.device))
             y = y.to(engine.device)
-            sums[0] += F.nll_loss(out.float(), y, reduction="sum")
+            # Padding (label PAD_LABEL, nll_loss's ignore_index) evens out the ranks' passes.
+            sums[0] += F.nll_loss(out.float(), y, reduction="sum", ignore_index=PAD_LABEL)
             sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += len(y)
+            sums[2] += (y != PAD_LABEL).sum()
         loss_sum, correct, count = engine.reduce_scalars(sums.tolist(), op="sum")
         return {"val_acc": correct / count, "val_loss": loss_sum / count}
