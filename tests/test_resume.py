@@ -93,10 +93,13 @@ def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path,
     _assert_same(_weights(straight), _weights(cut))
 
 
-def test_resume_refuses_another_world_size(tmp_path, mnist_root):
+def test_resume_at_another_world_size_reshards(tmp_path, mnist_root):
+    # (was: refused; a set of another world size is now resharded, see Checkpointer.load)
     out = tmp_path / "run"
     assert run_cli(*_args(mnist_root, out, "train.max_steps=2",
                           "checkpoint.every_steps=2")).returncode == 0
-    proc = run_torchrun(2, *_args(mnist_root, out))
-    assert proc.returncode != 0
-    assert "written by world_size 1, this launch has 2" in proc.stderr
+    proc = run_torchrun(2, *_args(mnist_root, out, "train.max_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resharding checkpoint from world 1 to 2" in proc.stdout
+    assert "at step 2" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
