@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -23,49 +22,8 @@ from largebatch.engines.base import Engine
 from largebatch.metrics import MetricsLogger
 from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
+from largebatch.run_state import RunState, Timer, map_resharded_position
 from largebatch.tasks.base import Metric, Task
-
-
-@dataclass
-class RunState:
-    """Counters of the run (what a checkpoint must capture to resume exactly)."""
-
-    step: int = 0
-    samples: int = 0
-    epoch: int = 0
-    consumed: int = 0  # micro-batches of the current epoch already trained on (this rank)
-    train_time_s: float = 0.0
-    last_eval_mark: int = 0
-    last_loss: float = math.nan  # the global batch's mean training loss at the last step
-    last_grad_norm: Optional[float] = None  # global gradient norm at the last step (None: off)
-    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
-    reached_target: bool = False
-    steps_to_target: Optional[int] = None
-    epochs_to_target: Optional[float] = None
-    time_to_target_s: Optional[float] = None
-    diverged: bool = False
-    stop_reason: str = ""
-    plan_changes: list[dict[str, Any]] = field(default_factory=list)
-    skipped_steps: int = 0  # windows dropped for non-finite loss/gradients (or fp16 overflow)
-
-    def state_dict(self) -> dict[str, Any]:
-        """A plain dict of the counters."""
-        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                for k, v in self.__dict__.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters; a resumed run has not stopped yet."""
-        self.__dict__.update(state)
-        self.stop_reason = ""
-
-
-@dataclass
-class Timer:
-    """Data-wait and compute seconds of the current epoch."""
-
-    data_s: float = 0.0
-    compute_s: float = 0.0
-    eval_s: float = 0.0
 
 
 class Trainer:
@@ -142,7 +100,7 @@ class Trainer:
         t2 = time.perf_counter()
         self.timer.compute_s += t2 - t1
         loss_sum = float(total)  # float() waits for the device
-        bad = not math.isfinite(loss_sum) or not self._grads_finite()
+        bad = not math.isfinite(loss_sum) or not self.engine.grads_finite()
         loss, any_bad = self._agree_on_loss_and_stop_flags(loss_sum, window_samples, bad,
                                                            time.perf_counter() - t0)
         t3 = time.perf_counter()
@@ -162,22 +120,6 @@ class Trainer:
             torch.cuda.synchronize()
         self.timer.compute_s += time.perf_counter() - t3
         return loss, grad_norm, applied
-
-    def _grads_finite(self) -> bool:
-        """Whether this rank's gradients are all finite (one max-abs per tensor, one sync).
-
-        fp16 is left to the grad scaler: its scaled gradients overflow by design and it
-        skips that update itself. Gradients an engine keeps out of ``.grad`` (ZeRO-2/3
-        partitions) are not seen; the loss check still applies there.
-        """
-        if getattr(self.engine, "precision", "") == "fp16":
-            return True
-        grads = [p.grad for p in self.engine.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        # inf-norm = max |g|: inf only for an inf element, NaN propagates; no overflow.
-        peaks = torch._foreach_norm(grads, float("inf"))
-        return bool(torch.isfinite(torch.stack(peaks)).all())
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -435,42 +377,12 @@ class Trainer:
         if state.get("resharded_from") is None:
             self.plan = old_plan
         else:  # another world size: self.plan was made for this world from the config
-            self._map_resharded_position(old_plan, int(state["resharded_from"]))
+            self.plan = map_resharded_position(self.state, old_plan, int(state["resharded_from"]),
+                                               self.plan, self.engine.is_main)
         self.schedule.load_state_dict(state["schedule"])
         self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),
                                      "per_rank_all": state.get("per_rank_all")})
         self.logger.drop_after(self.state.step)  # what a killed run logged past this set
-
-    def _map_resharded_position(self, old: BatchPlan, old_world: int) -> None:
-        """Keep the global batch of ``old`` on this world; move the epoch position by samples.
-
-        The position (consumed micro-batches x old micro x old world samples) continues at
-        the same sample count when that is a whole number of new micro-batches, else at the
-        next window boundary (said in one line).
-
-        Raises:
-            ConfigError: the global batch does not divide into this world's micro-batches
-                (``build_run``'s plan raises it first for the configured global batch).
-        """
-        import dataclasses
-        from largebatch.plan import resolve_batch
-        new, world = self.plan, self.engine.world_size
-        if new.global_size != old.global_size:  # the batch grew before the save: keep it
-            _, m, a = resolve_batch(old.global_size, new.micro_size, None, world)
-            new = dataclasses.replace(old, micro_size=m, accum_steps=a, world_size=world,
-                                      dataset_size=new.dataset_size)
-        self.plan = new
-        samples = self.state.consumed * old.micro_size * old_world
-        unit = new.micro_size * self.engine.world_size
-        if samples % unit == 0:
-            consumed = samples // unit
-        else:  # no whole new micro-batch ends there: start at the next window boundary
-            window = unit * new.accum_steps
-            consumed = -(-samples // window) * new.accum_steps
-            if self.engine.is_main:
-                print(f"resharding: epoch position {samples} samples is not a whole number of "
-                      f"micro-batches of {unit}; continuing at {consumed * unit}", flush=True)
-        self.state.consumed = min(consumed, new.micro_batches_per_epoch)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         """The run's outcome (summary.json)."""

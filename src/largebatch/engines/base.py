@@ -210,6 +210,22 @@ class Engine(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def grads_finite(self) -> bool:
+        """Whether this rank's gradients are all finite (one max-abs per tensor, one sync).
+
+        fp16 is left to the grad scaler: its scaled gradients overflow by design and it
+        skips that update itself. Gradients an engine keeps out of ``.grad`` (ZeRO-2/3
+        partitions) are not seen; the loss check still applies there.
+        """
+        if self.precision == "fp16":
+            return True
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        # inf-norm = max |g|: inf only for an inf element, NaN propagates; no overflow.
+        peaks = torch._foreach_norm(grads, float("inf"))
+        return bool(torch.isfinite(torch.stack(peaks)).all())
+
     # ---- collectives (no-ops for a single process) ----------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         """Reduce ``tensor`` over ranks in place ('sum', 'mean', 'max', 'min'); returns it."""
