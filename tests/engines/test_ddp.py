@@ -1,21 +1,15 @@
 """DDP engine: exactly one gradient all-reduce per optimizer step, counted by a comm hook."""
 from __future__ import annotations
 
-import os
-
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from largebatch.config import load_config
 from largebatch.dist import DistEnv
-from tests.conftest import CONFIGS, free_port
+from tests._launch import spawn
+from tests.conftest import CONFIGS
 
 
-def _count_allreduces(rank: int, world: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _count_allreduces(rank: int, world: int, root: str, out: str) -> dict[str, int]:
     from largebatch.run import build_run
     cfg = load_config(CONFIGS / "mnist" / "mlp.yaml",
                       [f"data.root={root}", "data.download=false", "data.subset=4800",
@@ -32,16 +26,14 @@ def _count_allreduces(rank: int, world: int, port: int, root: str, out: str) -> 
     run.engine.model.register_comm_hook(None, counting_allreduce)
     summary = run.trainer.fit()
     n_buckets = len(run.engine.model.reducer._get_zeros_like_grad_buckets())
-    torch.save({"calls": calls["n"], "steps": summary["steps"], "buckets": n_buckets,
-                "accum": run.plan.accum_steps}, f"{out}/count{rank}.pt")
-    dist.destroy_process_group()
+    return {"calls": calls["n"], "steps": summary["steps"], "buckets": n_buckets,
+            "accum": run.plan.accum_steps}
 
 
 def test_one_allreduce_per_optimizer_step_with_accum_4(tmp_path, mnist_root):
-    mp.start_processes(_count_allreduces, args=(2, free_port(), str(mnist_root), str(tmp_path)),
-                       nprocs=2, start_method="spawn")
+    counts = spawn(_count_allreduces, 2, str(mnist_root), str(tmp_path), timeout=180)
     for rank in range(2):
-        got = torch.load(tmp_path / f"count{rank}.pt", weights_only=True)
+        got = counts[rank]
         assert got["accum"] == 4 and got["steps"] == 6
         # 4 micro-batches per step, but gradients cross the wire once per step (per bucket)
         assert got["calls"] == got["steps"] * got["buckets"] == 6, got

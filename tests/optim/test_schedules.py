@@ -3,22 +3,18 @@ decisions against torch's ReduceLROnPlateau, including two real gloo ranks."""
 from __future__ import annotations
 
 import io
-import json
-import os
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.optim import lr_scheduler as tls
 
 from largebatch.config import ConfigError, PlateauConfig, ScheduleConfig
 from largebatch.optim.schedules import LRSchedule, build_schedule
 from largebatch.plan import BatchPlan
-from tests.conftest import free_port
+from tests._launch import spawn
 
 PEAK = 0.4
 
@@ -294,12 +290,8 @@ _NOISE = [0.0, 0.3, -0.3, 0.2, -0.25, 0.1, -0.2, 0.3, -0.1, 0.2, -0.1, 0.05]
 LOCAL = [[m + d for m, d in zip(_MEAN, _NOISE)], [m - d for m, d in zip(_MEAN, _NOISE)]]
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One rank: its own metrics, reduce_mean through a real all_reduce; writes its LRs."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+def _rank_main(rank: int, world: int) -> list[float]:
+    """One rank: its own metrics, reduce_mean through a real all_reduce; returns its LRs."""
 
     def reduce_mean(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -318,14 +310,11 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         sched.on_eval(m)
         lrs.append(sched.lr)
         lrs_of(sched, 1)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(lrs))
-    dist.destroy_process_group()
+    return lrs
 
 
-def test_two_gloo_ranks_decide_identically_on_the_mean(tmp_path: Path) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+def test_two_gloo_ranks_decide_identically_on_the_mean() -> None:
+    r0, r1 = spawn(_rank_main, 2, timeout=60)
     assert r0 == r1  # bit-identical on both ranks
     mean = [(a + b) / 2 for a, b in zip(*LOCAL)]
     assert r0 == pytest.approx(torch_plateau_lrs(mean, **TWO_RANK_PLATEAU), rel=1e-12)

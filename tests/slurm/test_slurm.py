@@ -1,8 +1,9 @@
 """The project's own sbatch scripts on a real single-node Slurm cluster (slurm/local-cluster.sh).
 
 Needs root and the Slurm daemons (`bash slurm/local-cluster.sh install`, which .ci/run does);
-skips with the reason otherwise. The cluster lives in a private temp dir on free ports, so it
-never touches /etc/slurm nor another cluster on the machine.
+skips with the reason otherwise, or fails with it under ``LARGEBATCH_REQUIRE_SLURM=1`` (which
+.ci/run sets). The cluster lives in a private temp dir on free ports, so it never touches
+/etc/slurm nor another cluster on the machine.
 
 Jobs overlap to keep the file short: the pre-empted job is signalled first and, while it waits
 out its requeue delay, the torchrun-form job runs.
@@ -26,9 +27,10 @@ import pytest
 import torch
 
 from largebatch.dist import detect_launch
-from tests.conftest import REPO, cli_env, free_port
+from tests.conftest import REPO, cli_env, free_port, skip_unless_required
 
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
+REQUIRE = "LARGEBATCH_REQUIRE_SLURM"  # set by .ci/run: there a missing cluster is a failure
 MAX_STEPS = 120
 JOB_TIMEOUT = 240
 
@@ -50,11 +52,12 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     """Start munged + slurmctld + slurmd; stop them by their pid files at the end."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (slurmd runs jobs as their user)")
+        skip_unless_required("the local Slurm cluster needs root (slurmd runs jobs as their "
+                             "user)", REQUIRE)
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(b)]
     if missing:
-        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing): "
-                    f"run `bash slurm/local-cluster.sh install`")
+        skip_unless_required(f"Slurm not installed ({', '.join(missing)} missing): "
+                             f"run `bash slurm/local-cluster.sh install`", REQUIRE)
     # A short path: munged's and slurmd's unix sockets live under it.
     state = tempfile.mkdtemp(prefix="lbslurm-", dir="/tmp")
     env = cli_env(LARGEBATCH_SLURM_DIR=state, LARGEBATCH_SLURM_CTLD_PORT=str(free_port()),
@@ -63,7 +66,8 @@ def cluster() -> Iterator[Cluster]:
                              timeout=120, env=env)
     if started.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60, env=env)
-        pytest.skip(f"local Slurm cluster did not start: {started.stderr.strip()[-500:]}")
+        skip_unless_required(f"local Slurm cluster did not start: "
+                             f"{started.stderr.strip()[-500:]}", REQUIRE)
     conf = started.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
     env.update(SLURM_CONF=conf, LARGEBATCH_PYTHON=sys.executable)
     yield Cluster(conf, env)
