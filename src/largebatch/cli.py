@@ -230,7 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         code = commands[args.command](args)
     except ConfigError as exc:
-        print(f"largebatch: error: {exc}", file=sys.stderr, flush=True)
+        # The whole line in one write: ranks share the launcher's stderr pipe, and print()
+        # writes the text and the newline separately, so two ranks' lines could interleave.
+        sys.stderr.write(f"largebatch: error: {exc}\n")
+        sys.stderr.flush()
         code = 2
         if getattr(exc, "all_ranks", False):
             _all_ranks_printed()

@@ -97,28 +97,24 @@ class Trainer:
                 loss = self.forward_backward_step(
                     x, y, self.task.micro_weight(len(y), window_samples))
             total += loss.double() * self.task.report_weight(len(y), window_samples)
-        t2 = time.perf_counter()
-        self.timer.compute_s += t2 - t1
         loss_sum = float(total)  # float() waits for the device
         bad = not math.isfinite(loss_sum) or not self.engine.grads_finite()
         loss, any_bad = self._agree_on_loss_and_stop_flags(loss_sum, window_samples, bad,
                                                            time.perf_counter() - t0)
-        t3 = time.perf_counter()
         grad_norm, applied = None, not any_bad
         if applied:
             grad_norm = self.engine.step(compute_norm=self.cfg.log.grad_norm)
             # fp16: the grad scaler skipped optimizer.step() on inf/NaN gradients.
-            applied = not getattr(self.engine, "last_step_skipped", False)
-        else:
-            # Nothing of this window may reach the next one's accumulated gradients.
+            applied = not self.engine.last_step_skipped
+        else:  # nothing of this window may reach the next one's accumulated gradients
             self.engine.zero_grad()
-            for module in getattr(self.engine, "extra_modules", ()):
-                module.zero_grad(set_to_none=True)
         if applied:
             self.schedule.step()
         if self._sync:
             torch.cuda.synchronize()
-        self.timer.compute_s += time.perf_counter() - t3
+        # Compute = everything after the data arrived: forward/backward, the step's collective
+        # and the update (data + compute is the step's time).
+        self.timer.compute_s += time.perf_counter() - t1
         return loss, grad_norm, applied
 
     # ---- evaluation -------------------------------------------------------------------------

@@ -97,6 +97,15 @@ def wait_job(cluster: Cluster, job_id: str, timeout: float = JOB_TIMEOUT) -> dic
     raise AssertionError(f"job {job_id} still queued after {timeout} s: {job_info(cluster, job_id)}")
 
 
+def wait_training(metrics: Path, steps: int, job: str, log: Path) -> None:
+    """Until the job's run has logged ``steps`` training steps (signal mid-training, not during
+    start-up). The job may first queue behind others on the one-node cluster."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < steps:
+        assert time.monotonic() < deadline, (job, log.is_file() and log.read_text()[-3000:])
+        time.sleep(0.05)
+
+
 def train_args(mnist_root: Path, out_dir: Path) -> list[str]:
     """seed.yaml at global 60 = micro 30 x 2 tasks, a few steps on the real MNIST."""
     return ["configs/mnist/seed.yaml", f"train.max_steps={MAX_STEPS}", "batch.micro_size=30",
@@ -136,11 +145,7 @@ def preempted(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
                  "checkpoint.resume=auto", LARGEBATCH_LAUNCH="srun",
                  MASTER_PORT=str(free_port()))
     # Signal mid-training (not during start-up): the workers checkpoint at one common step.
-    metrics = tmp / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 5:
-        assert time.monotonic() < deadline, f"job {job} never started training"
-        time.sleep(0.05)
+    wait_training(tmp / "run" / "metrics.jsonl", 5, job, tmp / f"job-{job}.out")
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     return Job(job, tmp / "run", tmp / f"job-{job}.out")
 
@@ -220,11 +225,7 @@ def terminated(cluster: Cluster, torchrun_job: Job, mnist_root: Path, tmp_path_f
     tmp = tmp_path_factory.mktemp("terminated")
     job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
                  *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()))
-    metrics = tmp / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 5:
-        assert time.monotonic() < deadline, f"job {job} never started training"
-        time.sleep(0.05)
+    wait_training(tmp / "run" / "metrics.jsonl", 5, job, tmp / f"job-{job}.out")
     cluster.run("scancel", "--batch", "--signal=TERM", job)
     return Job(job, tmp / "run", tmp / f"job-{job}.out")
 
@@ -250,12 +251,7 @@ def test_run_without_checkpoints_is_not_requeued(cluster: Cluster, mnist_root: P
     job = submit(cluster, "--ntasks=1", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
                  *train_args(mnist_root, tmp_path / "run"), "batch.micro_size=60",
                  "checkpoint.resume=never", MASTER_PORT=str(free_port()))
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_TIMEOUT  # it may queue behind the requeued jobs
-    log = tmp_path / f"job-{job}.out"
-    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 3:
-        assert time.monotonic() < deadline, (job, log.is_file() and log.read_text()[-3000:])
-        time.sleep(0.05)
+    wait_training(tmp_path / "run" / "metrics.jsonl", 3, job, tmp_path / f"job-{job}.out")
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = wait_job(cluster, job)
     text = (tmp_path / f"job-{job}.out").read_text()

@@ -51,7 +51,14 @@ def test_seed_recipe_weights_bit_identical_to_a_plain_loop(tmp_path, mnist_root)
                    "log.progress=false", "checkpoint.resume=never")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = load_checkpoint(out / "model.pt")["model"]
-    ref = _plain_loop(mnist_root, STEPS)
+    # Bit-equality needs the run's thread count too (cli_env: OMP_NUM_THREADS=1): a conv
+    # backward summed by another number of threads rounds differently.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _plain_loop(mnist_root, STEPS)
+    finally:
+        torch.set_num_threads(threads)
     assert ours.keys() == ref.keys()
     diffs = {k: (ours[k] - ref[k]).abs().max().item() for k in ref}
     assert all(torch.equal(ours[k], ref[k]) for k in ref), diffs

@@ -57,6 +57,7 @@ class Engine(ABC):
         self.extra_modules: list[nn.Module] = []  # sharded: placed, never wrapped
         self.extra_optimizers: list[Optional[torch.optim.Optimizer]] = []
         self._scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.last_step_skipped = False  # the fp16 scaler dropped the last step (inf grads)
 
     # ---- identity -------------------------------------------------------------------------
     @property
