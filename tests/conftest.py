@@ -133,3 +133,17 @@ def _summary(cmd, ending: str, out: str | None, err: str | None) -> str:
         tail = (text or "").splitlines()[-TAIL_LINES:]
         lines += [f"--- {name} (last {len(tail)} lines) ---", *tail]
     return "\n".join(lines)
+
+
+def model_weights(out: Path) -> dict:
+    """The final weights a run wrote to ``out/model.pt`` (weights_only load)."""
+    from largebatch.checkpoint import load_checkpoint
+    return load_checkpoint(out / "model.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Bit equality of two state dicts, naming the first tensor that differs and by how much."""
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"

@@ -27,7 +27,8 @@ from largebatch import checkpoint as ckmod
 from largebatch.checkpoint import (Checkpointer, list_sets, load_checkpoint, rank_file,
                                    verify_set)
 from largebatch.config import ConfigError
-from tests.conftest import REPO, cli_env, free_port, run_cli, run_torchrun
+from tests.conftest import (assert_same_weights, cli_env, free_port, model_weights, REPO, run_cli,
+                          run_torchrun)
 
 # ---- a stand-in trainer: the checkpointer only needs state_dict / load_state_dict / state.step
 
@@ -291,16 +292,6 @@ def _args(root, out, *extra):
     return [*BASE, f"data.root={root}", "data.download=false", f"log.out_dir={out}", *extra]
 
 
-def _weights(out: Path) -> dict:
-    return load_checkpoint(out / "model.pt")["model"]
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
-
-
 def _train_steps(out: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"]
@@ -321,7 +312,7 @@ def test_finished_run_relaunched_exits_at_once(finished_run, mnist_root, tmp_pat
     assert done["step"] == 6 and done["set"] == "step-000006"
     before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "summary.json")}
     sets = sorted(p.name for p in (out / "checkpoints").iterdir())
-    weights = _weights(out)
+    weights = model_weights(out)
     proc = run_cli(*_args(mnist_root, out, "train.max_steps=6"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [l for l in proc.stdout.splitlines() if "finished" in l or "resumed" in l]
@@ -331,7 +322,7 @@ def test_finished_run_relaunched_exits_at_once(finished_run, mnist_root, tmp_pat
         assert (out / f).read_bytes() == data, f"{f} changed"  # no step, nothing re-logged
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sets
-    _assert_same_weights(_weights(out), weights)
+    assert_same_weights(model_weights(out), weights)
 
 
 def test_hostile_set_in_a_real_run_is_refused_in_one_line(finished_run, mnist_root, tmp_path):
@@ -377,7 +368,7 @@ def straight_single(tmp_path_factory, mnist_root) -> dict:
     out = tmp_path_factory.mktemp("straight1") / "run"
     proc = run_cli(*_args(mnist_root, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _weights(out)
+    return model_weights(out)
 
 
 @pytest.mark.slow
@@ -396,7 +387,7 @@ def test_sigterm_single_process_checkpoints_then_resumes_exactly(tmp_path, mnist
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {step}" in resumed.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == 60
-    _assert_same_weights(_weights(out), straight_single)
+    assert_same_weights(model_weights(out), straight_single)
     assert _train_steps(out) == list(range(1, 61))  # every step exactly once
 
 
@@ -405,7 +396,7 @@ def straight_two_ranks(tmp_path_factory, mnist_root) -> dict:
     out = tmp_path_factory.mktemp("straight2") / "run"
     proc = run_torchrun(2, *_args(mnist_root, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _weights(out)
+    return model_weights(out)
 
 
 @pytest.mark.slow
@@ -427,7 +418,7 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_both_ranks_then_resumes_exact
     resumed = run_torchrun(2, *_args(mnist_root, out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {step}" in resumed.stdout
-    _assert_same_weights(_weights(out), straight_two_ranks)
+    assert_same_weights(model_weights(out), straight_two_ranks)
     assert _train_steps(out) == list(range(1, 61))
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from largebatch.checkpoint import list_sets, load_checkpoint
-from tests.conftest import REPO, cli_env, run_cli, run_torchrun
+from tests.conftest import (assert_same_weights, cli_env, model_weights, REPO, run_cli,
+                          run_torchrun)
 
 # 60 steps of the dropout CNN (seed_cnn has two dropout layers), 10 steps an epoch.
 BASE = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
@@ -28,16 +29,6 @@ STEPS = 60
 def _args(root: Path, out: Path, loader: str, *extra: str) -> list[str]:
     return [*BASE, f"data.root={root}", "data.download=false", f"data.loader={loader}",
             f"log.out_dir={out}", *extra]
-
-
-def _weights(out: Path) -> dict:
-    return load_checkpoint(out / "model.pt")["model"]
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
 def _records(out: Path) -> list[dict]:
@@ -69,7 +60,7 @@ def _straight(world: int, loader: str, root: Path, tmp: Path) -> dict:
         out = tmp / f"straight-{world}-{loader}"
         proc = _run(world, _args(root, out, loader))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        _STRAIGHT[key] = _weights(out)
+        _STRAIGHT[key] = model_weights(out)
     return _STRAIGHT[key]
 
 
@@ -88,7 +79,7 @@ def test_torch_loader_resume_from_a_mid_run_set_is_bit_identical(tmp_path, tmp_m
     args = _args(mnist_root, out, "torch", "checkpoint.every_steps=15", "checkpoint.keep=5")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _assert_same_weights(_weights(out), straight)  # checkpointing itself changes nothing
+    assert_same_weights(model_weights(out), straight)  # checkpointing itself changes nothing
     ck = out / "checkpoints"
     for s in list_sets(ck)[1:]:
         shutil.rmtree(s.path)
@@ -98,7 +89,7 @@ def test_torch_loader_resume_from_a_mid_run_set_is_bit_identical(tmp_path, tmp_m
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "at step 15" in resumed.stdout
-    _assert_same_weights(_weights(out), straight)
+    assert_same_weights(model_weights(out), straight)
     # metrics.jsonl: 16..60 were logged by both runs, kept once (the first run's are dropped).
     assert _train_steps(out) == list(range(1, STEPS + 1))
     evals = [r["step"] for r in _records(out) if r["kind"] == "eval"]
@@ -152,7 +143,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, tmp_mod
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     step = int(resumed.stdout.split("at step ")[1].split()[0])
     assert step <= max(logged) and step % 7 == 0, (step, max(logged))
-    _assert_same_weights(_weights(out), straight)
+    assert_same_weights(model_weights(out), straight)
     assert _train_steps(out) == list(range(1, STEPS + 1)), f"killed at {max(logged)}"
 
 
@@ -386,6 +377,6 @@ def test_zero3_two_ranks_uneven_test_split_finishes_and_matches_one_process(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2  # 480 samples, global batch 240
-    acc, loss = _plain_eval(_weights(out), mnist_root, 4001)
+    acc, loss = _plain_eval(model_weights(out), mnist_root, 4001)
     assert abs(summary["final_val_acc"] - acc) <= 1e-6, (summary["final_val_acc"], acc)
     assert abs(summary["final_val_loss"] - loss) <= 1e-6, (summary["final_val_loss"], loss)

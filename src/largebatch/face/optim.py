@@ -50,7 +50,9 @@ class _HeadOptimizer(torch.optim.Optimizer):
 
     def _update(self, weight: torch.Tensor, grad: torch.Tensor,
                 state: dict[str, torch.Tensor], group: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Apply one update to the sampled ``weight`` rows (each subclass's formula)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _update "
+                                  f"(PartialFCSGD and PartialFCAdamW do)")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
