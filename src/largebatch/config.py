@@ -41,9 +41,10 @@ ADAPT_RULES = ("rank", "timm")  # optim.adapt_rule; param_groups implements both
 
 _CHOICES = {
     "task.name": ("classification", "face"),
-    "data.name": ("mnist", "synthetic_faces"),
+    "data.name": ("mnist", "synthetic_faces", "recordio", "imagefolder"),
     "data.loader": ("memory", "torch"),
-    "model.name": ("seed_cnn", "mlp", "tiny_face"),
+    "model.name": ("seed_cnn", "mlp", "tiny_face", "iresnet18", "iresnet34", "iresnet50",
+                   "iresnet100", "iresnet200"),
     "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "optim.scale_rule": ("none", "linear", "sqrt"),
     "optim.adapt_rule": ADAPT_RULES,

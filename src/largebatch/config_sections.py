@@ -23,7 +23,9 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 class DataConfig:
     """Where the data comes from and how it is cut into batches."""
 
-    name: str = doc("Dataset name: 'mnist'.", "mnist")
+    name: str = doc("Dataset name: 'mnist'; face (task.name=face): 'synthetic_faces' (generated), "
+                    "'recordio' (insightface train.rec + train.idx in data.root) or "
+                    "'imagefolder' (data.root/<identity>/<image>).", "mnist")
     # Read when the config is built (not at import), so a launcher or CI job that exports the
     # variable reaches every config that does not name a root itself.
     root: str = doc("Dataset root in torchvision layout (MNIST/raw/...), relative to the working "
@@ -73,6 +75,10 @@ class FaceConfig:
     m3: float = doc("Additive cosine margin (cosface, combined).", 0.4)
     sparse_update: bool = doc("Momentum and weight decay touch only the window's sampled rows.",
                               True)
+    val_targets: list[str] = doc("Verification sets evaluated at the task's cadence, each "
+                                 "'{face.val_root}/{name}.bin' in insightface's format (e.g. "
+                                 "lfw, cfp_fp, agedb_30).", factory=list)
+    val_root: str = doc("Folder of the .bin verification sets ('' = data.root).", "")
     samples_per_class: int = doc("synthetic_faces: training samples per identity.", 20)
     eval_identities: int = doc("synthetic_faces: held-out identities of the verification set.",
                                100)
@@ -85,8 +91,16 @@ class FaceConfig:
 class ModelConfig:
     """Which network to train."""
 
-    name: str = doc("'seed_cnn' (the classic PyTorch MNIST net) or 'mlp' (no dropout).", "seed_cnn")
-    hidden: int = doc("Hidden width of the 'mlp' model.", 64)
+    name: str = doc("'seed_cnn' (the classic PyTorch MNIST net), 'mlp' (no dropout); face "
+                    "backbones (task.name=face): 'tiny_face' (CPU tests) or 'iresnet18|34|50|100|"
+                    "200' (arcface's IResNet, 112x112 input).", "seed_cnn")
+    hidden: int = doc("Hidden width of the 'mlp' model (tiny_face: 4 x its channels).", 64)
+    dropout: float = doc("Face backbones: dropout before the embedding FC (arcface: 0; 0.4 "
+                         "for small datasets).", 0.0)
+    channels_last: bool = doc("Face backbones: run the convolutions in channels-last memory "
+                              "format (faster with bf16/fp16 on tensor cores).", False)
+    sync_bn: bool = doc("Face backbones: convert BatchNorm to SyncBatchNorm under DDP (CUDA "
+                        "only: torch has no CPU SyncBatchNorm).", False)
 
 
 @dataclass
