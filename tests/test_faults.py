@@ -147,6 +147,50 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, tmp_mod
     assert _train_steps(out) == list(range(1, STEPS + 1)), f"killed at {max(logged)}"
 
 
+def _worker_of_rank(root_pid: int, rank: int, timeout: float = 60):
+    """The torchrun worker process whose environment says ``RANK=rank``."""
+    import psutil
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(root_pid).children(recursive=True):
+            try:
+                env = child.environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if env.get("RANK") == str(rank) and env.get("LOCAL_RANK") is not None:
+                return child
+        time.sleep(0.05)
+    raise AssertionError(f"no torchrun worker with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_torchrun_elastic_restart_after_a_rank_is_killed_resumes_exactly(tmp_path, tmp_module,
+                                                                        mnist_root):
+    """``--max-restarts 1``: one rank SIGKILLed mid-run; torchrun's agent stops the other,
+    restarts the group, which resumes from the newest complete set and ends with the
+    uninterrupted run's weights (metrics.jsonl: every step once)."""
+    straight = _straight(2, "memory", mnist_root, tmp_module)
+    out = tmp_path / "elastic"
+    args = _args(mnist_root, out, "memory", "checkpoint.every_steps=7")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", "-m", "largebatch", *args]
+    live = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _worker_of_rank(live.pid, 1)
+        _wait_for_step(out, random.randint(10, STEPS - 15), live)
+        victim.kill()
+        stdout, stderr = live.communicate(timeout=300)
+    finally:
+        if live.poll() is None:
+            _kill_tree(live.pid)
+            live.communicate(timeout=60)
+    assert live.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout, stdout[-2000:]  # the restarted group resumed a set
+    assert_same_weights(model_weights(out), straight)
+    assert _train_steps(out) == list(range(1, STEPS + 1))
+
+
 # ---- non-finite loss or gradients: train.nonfinite=skip|stop ----------------------------------
 class _NanGrad(torch.autograd.Function):
     """Identity forward; the gradient flowing back is ``fill`` (NaN or inf) everywhere."""

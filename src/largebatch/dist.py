@@ -131,7 +131,32 @@ def init_process_group(denv: DistEnv, device: torch.device, backend: str = "auto
         kwargs = dict(rank=denv.rank, world_size=denv.world_size)
     if device.type == "cuda":
         kwargs["device_id"] = device
-    torch_dist.init_process_group(backend=backend, timeout=timedelta(minutes=10), **kwargs)
+    timeout = timedelta(minutes=10)
+    store = _restart_scoped_agent_store(timeout)
+    if store is not None:
+        kwargs.update(store=store, rank=denv.rank, world_size=denv.world_size)
+    torch_dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+
+
+def _restart_scoped_agent_store(timeout: timedelta) -> Optional[torch_dist.Store]:
+    """torchrun's shared rendezvous store, with this restart's keys kept apart from the last's.
+
+    Since torch 2.5 torchrun's agent hands its rendezvous TCPStore to the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and every restart round reuses it without a key
+    prefix. After ``--max-restarts`` restarts the group, a worker can read the previous
+    round's gloo/NCCL addresses and fail with "Connection refused" (pytorch#135712,
+    #167288; seen here 1 run in 3). Prefixing our group's keys with the restart count,
+    which every agent of a group restarted together shares, keeps the rounds apart.
+    Where nodes can be replaced (a new agent starts at restart 0), launch with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: every round then gets a fresh store and this
+    returns None.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 is_master=False, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch_dist.PrefixStore(f"largebatch/restart_{restart}/", shared)
 
 
 def destroy_process_group() -> None:
