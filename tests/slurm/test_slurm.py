@@ -4,9 +4,6 @@ Needs root and the Slurm daemons (`bash slurm/local-cluster.sh install`, which .
 skips with the reason otherwise, or fails with it under ``LARGEBATCH_REQUIRE_SLURM=1`` (which
 .ci/run sets). The cluster lives in a private temp dir on free ports, so it never touches
 /etc/slurm nor another cluster on the machine.
-
-Jobs overlap to keep the file short: the pre-empted job is signalled first and, while it waits
-out its requeue delay, the torchrun-form job runs.
 """
 from __future__ import annotations
 
@@ -31,7 +28,7 @@ from tests.conftest import REPO, cli_env, free_port, skip_unless_required
 
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 REQUIRE = "LARGEBATCH_REQUIRE_SLURM"  # set by .ci/run: there a missing cluster is a failure
-MAX_STEPS = 120
+MAX_STEPS = 40
 JOB_TIMEOUT = 240
 
 
@@ -132,24 +129,6 @@ class Job:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def preempted(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
-    """The srun form (one task per rank), sent the pre-emption warning once its step runs.
-
-    Slurm's `--signal=B:USR1@90` sends USR1 to the batch shell; `scancel --batch --signal`
-    does the same now. Returns without waiting for the requeued job to finish.
-    """
-    tmp = tmp_path_factory.mktemp("preempted")
-    job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp / "run"), f"checkpoint.dir={tmp}/ck",
-                 "checkpoint.resume=auto", LARGEBATCH_LAUNCH="srun",
-                 MASTER_PORT=str(free_port()))
-    # Signal mid-training (not during start-up): the workers checkpoint at one common step.
-    wait_training(tmp / "run" / "metrics.jsonl", 5, job, tmp / f"job-{job}.out")
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    return Job(job, tmp / "run", tmp / f"job-{job}.out")
-
-
 def test_srun_sets_rank_vars_and_batch_shell_is_one_process(cluster: Cluster, tmp_path: Path):
     dumper = tmp_path / "dump_env.py"
     dumper.write_text("import json, os, sys\njson.dump(dict(os.environ), open(sys.argv[1], 'w'))\n")
@@ -179,12 +158,9 @@ def test_scripts_pass_sbatch_validation(cluster: Cluster):
 
 
 @pytest.fixture(scope="module")
-def torchrun_job(cluster: Cluster, preempted: Job, mnist_root: Path, tmp_path_factory) -> Job:
-    """The default form: one srun task per node running torchrun (2 processes), waited for.
-
-    Asks for `preempted` first so that job is signalled and waits out its requeue delay
-    while this one runs.
-    """
+def torchrun_job(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
+    """The default form: one srun task per node running torchrun (2 processes), waited for:
+    the uninterrupted reference of the signalled jobs."""
     tmp = tmp_path_factory.mktemp("torchrun")
     job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
                  *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()))
@@ -200,48 +176,45 @@ def test_train_sbatch_two_tasks_torchrun_form(torchrun_job: Job):
     assert_summary(torchrun_job.out_dir, torchrun_job.log)
 
 
-def test_usr1_requeues_and_srun_form_matches_torchrun_form(cluster: Cluster, preempted: Job,
-                                                           torchrun_job: Job):
-    info = wait_job(cluster, preempted.job_id)
-    text = preempted.log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
-    assert "requeueing job" in text and "restart 1" in text
-    # largebatch's side of the hand-off: checkpoint on USR1, resume after the requeue.
-    resumed_at = re.search(r"resumed from \S+ at step (\d+)", text)
-    assert resumed_at and 5 <= int(resumed_at.group(1)) < MAX_STEPS, text[-3000:]
-    records = [json.loads(line) for line in (preempted.out_dir / "metrics.jsonl").open()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, MAX_STEPS + 1))
-    assert_summary(preempted.out_dir, preempted.log)
-    # Same seed, data and world size: one task per rank under srun trains exactly like torchrun.
-    ref = torch.load(torchrun_job.out_dir / "model.pt", weights_only=True)["model"]
-    got = torch.load(preempted.out_dir / "model.pt", weights_only=True)["model"]
-    for key in ref:
-        assert torch.equal(got[key], ref[key]), key
-
-
-@pytest.fixture(scope="module")
-def terminated(cluster: Cluster, torchrun_job: Job, mnist_root: Path, tmp_path_factory) -> Job:
-    """The torchrun form sent SIGTERM (what Slurm sends on pre-emption) mid-training."""
-    tmp = tmp_path_factory.mktemp("terminated")
+def signal_mid_training(cluster: Cluster, mnist_root: Path, tmp: Path, form: str,
+                        sig: str) -> Job:
+    """Submit ``form`` (torchrun: one task per node running torchrun; srun: one task per
+    rank) and send ``sig`` to the batch shell once training runs: USR1 is what
+    `--signal=B:USR1@90` sends before the time limit, TERM what Slurm sends on pre-emption
+    (`scancel --batch --signal` delivers both the same way now)."""
+    env = {"LARGEBATCH_LAUNCH": "srun"} if form == "srun" else {}
     job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()))
+                 *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()), **env)
+    # Signal mid-training (not during start-up): the workers checkpoint at one common step.
     wait_training(tmp / "run" / "metrics.jsonl", 5, job, tmp / f"job-{job}.out")
-    cluster.run("scancel", "--batch", "--signal=TERM", job)
+    cluster.run("scancel", "--batch", f"--signal={sig}", job)
     return Job(job, tmp / "run", tmp / f"job-{job}.out")
 
 
-def test_sigterm_requeues_torchrun_form_and_matches_uninterrupted(cluster: Cluster,
-                                                                  terminated: Job,
-                                                                  torchrun_job: Job):
-    info = wait_job(cluster, terminated.job_id)
-    text = terminated.log.read_text()
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text[-3000:]
-    assert "SIGTERM" in text and "resumable at step" in text and "restart 1" in text, text
-    records = [json.loads(line) for line in (terminated.out_dir / "metrics.jsonl").open()]
+@pytest.mark.parametrize("form,sig", [("srun", "USR1"), ("srun", "TERM"),
+                                      ("torchrun", "USR1"), ("torchrun", "TERM")])
+def test_signal_requeues_and_completes_like_uninterrupted(cluster: Cluster, torchrun_job: Job,
+                                                          mnist_root: Path, tmp_path: Path,
+                                                          form: str, sig: str):
+    """Each launcher form x each signal: checkpoint at one step, requeue, resume, complete
+    with the uninterrupted job's weights (srun's one task per rank trains exactly like
+    torchrun) and every step logged once."""
+    job = signal_mid_training(cluster, mnist_root, tmp_path, form, sig)
+    info = wait_job(cluster, job.job_id)
+    text = job.log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        text[-3000:]
+    assert f"SIG{sig}" in text and "requeueing job" in text and "restart 1" in text, text
+    # largebatch's side of the hand-off: checkpoint on the signal, resume after the requeue.
+    resumed_at = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert resumed_at and 5 <= int(resumed_at.group(1)) < MAX_STEPS, text[-3000:]
+    records = [json.loads(line) for line in (job.out_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, MAX_STEPS + 1))
+    assert_summary(job.out_dir, job.log)
     ref = torch.load(torchrun_job.out_dir / "model.pt", weights_only=True)["model"]
-    got = torch.load(terminated.out_dir / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    got = torch.load(job.out_dir / "model.pt", weights_only=True)["model"]
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
 
 
 def test_run_without_checkpoints_is_not_requeued(cluster: Cluster, mnist_root: Path,
