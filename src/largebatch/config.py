@@ -81,6 +81,7 @@ def validate(cfg: Config) -> None:
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
     non_negative = {"train.max_steps": cfg.train.max_steps, "data.subset": cfg.data.subset,
+                    "data.num_samples": cfg.data.num_samples,
                     "train.eval_every_samples": cfg.train.eval_every_samples,
                     "schedule.warmup_steps": cfg.schedule.warmup_steps,
                     "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
@@ -95,6 +96,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0.0 <= cfg.train.target_acc <= 1.0:
         raise ConfigError(f"train.target_acc={cfg.train.target_acc} must be in [0, 1]")
+    if not 0.0 <= cfg.model.dropout < 1.0:  # p = 1 zeroes every feature: nothing to learn
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} is not one of 0|1|2|3")
     if (cfg.optim.name in ("lars", "lamb") and cfg.engine.name == "deepspeed"

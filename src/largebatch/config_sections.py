@@ -40,6 +40,9 @@ class DataConfig:
                       factory=lambda: os.environ.get("LARGEBATCH_MNIST_MIRROR", ""))
     loader: str = doc("'memory' (whole split as one tensor, sliced by index) or 'torch' "
                       "(DataLoader + ToTensor + Normalize, the original study's path).", "memory")
+    num_samples: int = doc("recordio/imagefolder: the training set's image count, so that "
+                           "`largebatch plan` works without the files (0 = count them; when "
+                           "the files are there they must agree).", 0)
     subset: int = doc("Use only the first N training samples (0 = all).", 0)
     test_subset: int = doc("Use only the first N test samples (0 = all).", 0)
     drop_last: bool = doc("true: every optimizer step is a full global batch; an epoch is "
@@ -79,11 +82,23 @@ class FaceConfig:
                                  "'{face.val_root}/{name}.bin' in insightface's format (e.g. "
                                  "lfw, cfp_fp, agedb_30).", factory=list)
     val_root: str = doc("Folder of the .bin verification sets ('' = data.root).", "")
-    samples_per_class: int = doc("synthetic_faces: training samples per identity.", 20)
+    samples_per_class: int = doc("synthetic_faces: training samples of identity 0 (of every "
+                                 "identity when face.long_tail=0).", 20)
+    long_tail: float = doc("synthetic_faces: identity c has max(face.min_samples_per_class, "
+                           "round(samples_per_class * (c+1)^-long_tail)) samples (0 = uniform).",
+                           0.0)
+    min_samples_per_class: int = doc("synthetic_faces: floor of the long-tailed class sizes "
+                                     "(unused when face.long_tail=0).", 1)
+    latent_dim: int = doc("synthetic_faces: dimension of each identity's latent code.", 16)
     eval_identities: int = doc("synthetic_faces: held-out identities of the verification set.",
                                100)
     eval_pairs: int = doc("synthetic_faces: verification pairs (half of the same identity).", 600)
-    noise: float = doc("synthetic_faces: std of the per-sample noise around a prototype.", 0.5)
+    noise: float = doc("synthetic_faces: std of the per-sample pixel noise.", 0.5)
+    shift: int = doc("synthetic_faces: random shifts of up to +-shift pixels (edge replicated).",
+                     1)
+    jitter: float = doc("synthetic_faces: colour jitter, per-channel gain 1+-jitter and bias "
+                        "+-jitter (uniform).", 0.1)
+    flip: bool = doc("synthetic_faces: random horizontal flips (probability 1/2).", True)
     image_size: int = doc("synthetic_faces: images are 3 x image_size x image_size.", 16)
 
 

@@ -165,3 +165,39 @@ def test_memory_loader_on_device_returns_cuda_tensors(mnist_root):
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
     xe, ye = next(iter(build_eval_loader(cfg.data, 0, 1, torch.device("cuda", 0))))
     assert xe.is_cuda and ye.is_cuda and len(ye) == 1000
+
+
+def test_sync_bn_converts_batchnorm_under_ddp(tmp_path):
+    """model.sync_bn under the DDP engine on CUDA (nccl, world 1): every BatchNorm becomes a
+    SyncBatchNorm holding the same parameters the optimizer steps, and the step equals the
+    unconverted model's (at world 1 SyncBatchNorm reduces over this rank's batch only)."""
+    import torch.distributed as dist
+
+    from largebatch.engines.ddp import DDPEngine
+    from largebatch.models import build_face_backbone
+
+    cfg = load_config(None, ["task.name=face", "data.name=synthetic_faces",
+                             "model.name=iresnet18", "model.sync_bn=true"])
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_face_backbone(cfg.model, 64)
+        plain = build_face_backbone(cfg.model, 64).cuda()
+        plain.load_state_dict(model.state_dict())
+        bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ids = {id(p) for p in model.parameters()}
+        engine = DDPEngine(DistEnv("torchrun"), torch.device("cuda", 0))
+        wrapped = engine.setup(model, opt)
+        inner = wrapped.module
+        assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in inner.modules()) == bns > 40
+        assert {id(p) for p in inner.parameters()} == ids  # the optimizer's own tensors
+        x = torch.randn(8, 3, 112, 112, device="cuda")
+        out, ref = wrapped(x), plain(x)
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # cuDNN may pick other algos
+        out.square().mean().backward()
+        opt.step()
+        assert not inner.features.weight.requires_grad
+    finally:
+        dist.destroy_process_group()

@@ -32,7 +32,10 @@ BASE = ["face.num_classes=101", "face.embedding_size=16", "face.samples_per_clas
         "batch.global_size=40", "batch.accum_steps=1", "batch.micro_size=null",
         "optim.lr=0.001", "optim.momentum=0.9", "optim.weight_decay=0.0005",
         "train.max_steps=5", "train.epochs=1", "log.progress=false",
-        "checkpoint.resume=never", "face.sample_rate=1.0"]
+        "checkpoint.resume=never", "face.sample_rate=1.0",
+        # the plain loop is SGD at a constant, unscaled LR (the tiny config trains with AdamW)
+        "optim.name=sgd", "optim.scale_rule=none", "schedule.name=constant",
+        "schedule.warmup_steps=0", "face.long_tail=0"]
 
 
 def overrides(*extra: str) -> list[str]:

@@ -57,8 +57,20 @@ def _synthetic_faces() -> DatasetSpec:
     return synthetic_faces_spec()
 
 
+def _recordio() -> DatasetSpec:
+    from largebatch.data.recordio import recordio_spec
+    return recordio_spec()
+
+
+def _imagefolder() -> DatasetSpec:
+    from largebatch.data.imagefolder import imagefolder_spec
+    return imagefolder_spec()
+
+
 _DATASETS: dict[str, Callable[[], DatasetSpec]] = {"mnist": _mnist,
-                                                   "synthetic_faces": _synthetic_faces}
+                                                   "synthetic_faces": _synthetic_faces,
+                                                   "recordio": _recordio,
+                                                   "imagefolder": _imagefolder}
 
 
 def register(name: str, factory: Callable[[], DatasetSpec]) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.engines.base import Engine
+from largebatch.models import sync_batchnorm
 
 
 class DDPEngine(Engine):
@@ -18,8 +19,9 @@ class DDPEngine(Engine):
     name = "ddp"
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        """Move to the device and wrap; DDP broadcasts rank 0's parameters to every rank."""
-        model = model.to(self.device)
+        """Move to the device and wrap; DDP broadcasts rank 0's parameters to every rank
+        (BatchNorm becomes SyncBatchNorm first where the model asks, ``model.sync_bn``)."""
+        model = sync_batchnorm(model, self.device).to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DDP(model, device_ids=device_ids)
         self.optimizer = optimizer

@@ -6,13 +6,14 @@ sample from all of the window's labels (``begin_window``); each micro-batch's lo
 divided by the window's GLOBAL sample count, so its weight is 1 (not ``len(y) / window``) and
 its report weight is this rank's window (see ``Task.report_weight``).
 
-Evaluation: verification on held-out identities. Every rank embeds its share of the pairs;
-the cosine scores are placed into one global vector (summed over ranks), and the accuracy at
-the best threshold over the WHOLE pair set is computed identically on every rank.
+Evaluation: verification as the field reports it (``largebatch.face.verification``) on each
+set. Every rank embeds its share of the pairs (image + flip); the squared distances are placed
+into one global vector (summed over ranks), and the 10-fold accuracy, its std and TAR@FAR are
+computed identically on every rank.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,10 @@ from torch import nn
 
 from largebatch.config import ConfigError
 from largebatch.face import CombinedMargin, PartialFC, PartialFCAdamW, PartialFCSGD
+from largebatch.face.verification import (flip_embed, metric_keys, squared_distances,
+                                          verification_metrics)
 from largebatch.models import build_face_backbone
+from largebatch.models.iresnet import IRESNET_LAYERS
 from largebatch.tasks.base import Metric, Task, TaskParts
 
 
@@ -49,32 +53,69 @@ def build_head_optimizer(optim: Any, head: PartialFC, lr: float) -> torch.optim.
                           weight_decay=optim.weight_decay)
 
 
-def best_threshold_accuracy(scores: torch.Tensor, same: torch.Tensor) -> float:
-    """Accuracy of ``score >= t`` for the best threshold ``t`` over all pairs (ties kept
-    together: a threshold never splits equal scores)."""
-    order = torch.argsort(scores, descending=True)
-    s, y = scores[order], same[order].double()
-    tp = torch.cat([y.new_zeros(1), torch.cumsum(y, 0)])  # positives among the top k
-    k = torch.arange(len(s) + 1, dtype=torch.float64)
-    correct = tp + (len(s) - y.sum()) - (k - tp)  # TP + TN when the top k are called "same"
-    valid = torch.ones(len(s) + 1, dtype=torch.bool)
-    valid[1:-1] = s[:-1] != s[1:]
-    return float(correct[valid].max() / len(s))
+def _set_metrics(name: str | None) -> tuple[Metric, ...]:
+    """The figures ``verification_metrics`` reports for one set (None: the primary one)."""
+    acc, std, *tars = metric_keys(name)
+    return (Metric(acc, "max"), Metric(std, "min"), *(Metric(t, "max") for t in tars))
+
+
+def pair_distances(model: nn.Module, loader: Any, engine: Any) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+    """Squared distances of every pair of a verification set, in global pair order.
+
+    Each rank embeds its share (image + flip, under the engine's autocast, fp32 out) and
+    writes its pairs into a zero table at their global indices; each pair lives on exactly one
+    rank, so a sum over ranks gathers the table exactly (x + 0 = x) on every rank.
+
+    Returns:
+        ``(dist, same)``: float64 distances and 0/1 labels of all pairs (same on every rank).
+    """
+    index, dist, same = [], [], []
+    for x, y in loader:
+        n = x.shape[0]
+        with engine.autocast():
+            emb = flip_embed(model, x.to(engine.device).flatten(0, 1))
+        dist.append(squared_distances(emb.view(n, 2, -1)).cpu())
+        index.append(y[:, 0].long().cpu())
+        same.append(y[:, 1].double().cpu())
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    total = int(engine.reduce_scalars([float(index.max() + 1) if len(index) else 0.0],
+                                      op="max")[0])
+    # Column 0: distance, 1: same, 2: count (every pair must be embedded exactly once).
+    table = torch.zeros(total, 3, dtype=torch.float64)
+    if len(index):
+        table[index, 0] = torch.cat(dist)
+        table[index, 1] = torch.cat(same)
+        table[index, 2] = 1.0
+    table = torch.tensor(engine.reduce_scalars(table.flatten().tolist(), op="sum"),
+                         dtype=torch.float64).view(total, 3)
+    if not bool((table[:, 2] == 1).all()):
+        raise RuntimeError("verification: every pair must be embedded exactly once over the "
+                           "ranks (pair indices overlap or have gaps)")
+    return table[:, 0], table[:, 1]
 
 
 class FaceTask(Task):
     """Margin-softmax identities training; scored by verification accuracy."""
 
     name = "face"
-    metrics = (Metric("verification_acc", "max"),)
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:  # type: ignore[override]
+        """``verification_acc|std``, ``tar_at_far_1e-3|1e-4`` (the first set;
+        ``verification_acc`` is the primary metric), then ``NAME_acc|std|tar_at_far_*`` for
+        every ``face.val_targets`` set NAME (see ``evaluate``)."""
+        names = dict.fromkeys([None, *self.cfg.face.val_targets])
+        return tuple(m for name in names for m in _set_metrics(name))
 
     def build(self) -> TaskParts:
         """Backbone (``model.name``) and this rank's Partial FC shard (after seeding)."""
-        f = self.cfg.face
-        if self.cfg.model.name != "tiny_face":
-            raise ConfigError(f"model.name={self.cfg.model.name!r} is not a face backbone "
-                              f"(use tiny_face with task.name=face)")
-        backbone = build_face_backbone(self.cfg.model, f.embedding_size)
+        f, m = self.cfg.face, self.cfg.model
+        if m.name in IRESNET_LAYERS and self.cfg.data.name == "synthetic_faces" \
+                and f.image_size != 112:
+            raise ConfigError(f"face.image_size={f.image_size} but model.name={m.name} needs "
+                              f"112 x 112 inputs (set face.image_size=112 or use tiny_face)")
+        backbone = build_face_backbone(m, f.embedding_size)  # ConfigError on a non-face name
         self.head = PartialFC(build_margin(f), f.embedding_size, f.num_classes,
                               sample_rate=f.sample_rate, sparse_update=f.sparse_update,
                               seed=self.cfg.train.seed)
@@ -102,27 +143,30 @@ class FaceTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, engine: Any) -> dict[str, float]:
-        """Best-threshold verification accuracy over every pair of every rank."""
-        index, scores, same = [], [], []
-        for x, y in loader:
-            n = x.shape[0]
-            with engine.autocast():
-                emb = model(x.to(engine.device).flatten(0, 1))
-            emb = F.normalize(emb.float(), dim=1).view(n, 2, -1)
-            scores.append((emb[:, 0] * emb[:, 1]).sum(1).double().cpu())
-            index.append(y[:, 0].cpu())
-            same.append(y[:, 1].double().cpu())
-        index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-        total = int(engine.reduce_scalars([float(index.max() + 1) if len(index) else 0.0],
-                                          op="max")[0])
-        # Column 0: scores, 1: same, 2: count; each pair lives on one rank, so a sum gathers.
-        table = torch.zeros(total, 3, dtype=torch.float64)
-        if len(index):
-            table[index, 0] = torch.cat(scores)
-            table[index, 1] = torch.cat(same)
-            table[index, 2] = 1.0
-        table = torch.tensor(engine.reduce_scalars(table.flatten().tolist(), op="sum"),
-                             dtype=torch.float64).view(total, 3)
-        if not bool((table[:, 2] == 1).all()):
-            raise RuntimeError("verification: every pair must be scored exactly once")
-        return {"verification_acc": best_threshold_accuracy(table[:, 0], table[:, 1])}
+        """10-fold accuracy, its std and TAR@FAR 1e-3/1e-4 (``face.verification``).
+
+        Args:
+            model: the backbone (in eval mode).
+            loader: this rank's share of one verification set (batches ``x: (n, 2, 3, H,
+                W)``, ``y: (n, 2) = [global pair index, same]``), or a Mapping NAME -> such
+                loaders (the held-out identities, the ``.bin`` sets of ``face.val_targets``).
+            engine: for the device, autocast and the sum over ranks.
+
+        Returns:
+            ``verification_acc``, ``verification_std``, ``tar_at_far_1e-3``,
+            ``tar_at_far_1e-4`` of the first set and, for a Mapping, ``NAME_acc``,
+            ``NAME_std``, ``NAME_tar_at_far_1e-3|1e-4`` of every set; identical on every rank
+            (every rank scores the same gathered float64 distances with the same numpy code).
+        """
+        named = isinstance(loader, Mapping)
+        sets = list(loader.items()) if named else [("verification", loader)]
+        if not sets:
+            raise ValueError("face evaluation needs at least one verification set")
+        out: dict[str, float] = {}
+        for i, (name, pairs) in enumerate(sets):
+            dist, same = pair_distances(model, pairs, engine)
+            if i == 0:
+                out.update(verification_metrics(dist, same))
+            if named:
+                out.update(verification_metrics(dist, same, name))
+        return out

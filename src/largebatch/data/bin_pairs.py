@@ -1,0 +1,262 @@
+"""insightface's verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``...).
+
+A ``.bin`` is a pickle of ``(bins, issame_list)``: ``2 P`` encoded images (pair ``k`` is
+``bins[2k], bins[2k + 1]``) and ``P`` booleans. insightface wrote them with Python 2 (so its
+``str`` arrive as bytes with ``encoding='bytes'``) or 3; an image is ``bytes`` or a 1-D uint8
+numpy array of those bytes.
+
+A pickle runs whatever callable its globals name, so these files are read by ``_BinUnpickler``,
+whose ``find_class`` admits exactly the names numpy 1.x and 2.x (and Python 3 at protocol 2)
+use to rebuild a plain uint8 array, and maps each to a checking stand-in here: no numpy
+function ever sees the file's arguments, no other global (``os.system``, ``numpy.save``...)
+is ever resolved, so a planted payload never runs. Non-uint8 (and object) arrays are refused.
+
+``BinPairLoader`` yields exactly ``PairLoader``'s batches (``data/faces.py``): ``x (n, 2, 3,
+112, 112)`` normalised, ``y (n, 2) = [global pair index, same]``, pairs strided over ranks.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from largebatch.config import ConfigError
+from largebatch.data.face_images import IMAGE_SIZE, decode_image, normalize, one_line
+from largebatch.data.loaders import Batch
+
+
+class _Refused(Exception):
+    """Raised inside the unpickler; ``load_bin`` turns it into the file's ConfigError."""
+
+
+class _NdarrayMarker:
+    """Stands in for ``numpy.ndarray``: only ``_reconstruct``'s first argument may be it."""
+
+    def __call__(self, *args: Any) -> None:
+        raise _Refused("calls numpy.ndarray directly")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+class _U1Dtype:
+    """Stands in for ``numpy.dtype(obj, align, copy)``: only uint8 (``'u1'``) is accepted."""
+
+    def __init__(self, obj: Any = None, align: Any = False, copy: Any = False) -> None:
+        name = obj.decode("latin1") if isinstance(obj, (bytes, bytearray)) else obj
+        if name not in ("u1", "|u1", "uint8"):
+            raise _Refused(f"holds a numpy array of dtype {name!r} (only uint8 is admitted)")
+        self.ok = True
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags): a plain
+        # uint8 has no subarray, names or fields.
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None,) * 3):
+            raise _Refused("holds a structured or sub-array dtype (only plain uint8)")
+
+
+def _as_uint8(data: Any, dtype: Any, shape: Any) -> np.ndarray:
+    """The checked 1-D uint8 array of ``data`` (bytes) with ``shape``."""
+    if not (isinstance(dtype, _U1Dtype) and getattr(dtype, "ok", False)):
+        raise _Refused("holds an array whose dtype is not a numpy uint8 dtype")
+    if isinstance(data, str):  # latin-1 text: how numpy pickles raw bytes as text
+        data = data.encode("latin1")
+    if not isinstance(data, (bytes, bytearray)):
+        raise _Refused(f"holds array data of type {type(data).__name__} (expected bytes)")
+    if not (isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int)
+            and shape[0] == len(data)):
+        raise _Refused(f"holds an array of shape {shape!r} for {len(data)} bytes "
+                       f"(expected a 1-D uint8 array of the image's bytes)")
+    return np.frombuffer(bytes(data), dtype=np.uint8)
+
+
+class _ArrayState:
+    """What ``_reconstruct`` returns; the pickle's BUILD then fills it (``__setstate__``)."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Refused("holds an ndarray state that is not numpy's")
+        shape, dtype, _fortran, data = state[-4:]
+        self.array = _as_uint8(data, dtype, shape)
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayState:
+    if cls is not _NDARRAY:
+        raise _Refused("calls numpy's _reconstruct with a class other than numpy.ndarray")
+    return _ArrayState()
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    # numpy >= 1.16 at pickle protocol 5: _frombuffer(buffer, dtype, shape, order).
+    return _as_uint8(buf, dtype, shape)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # Python 3 at protocol 2 writes bytes as _codecs.encode(latin-1 text, 'latin1').
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise _Refused(f"calls _codecs.encode({type(text).__name__}, {encoding!r}) (only "
+                       f"latin-1 text, which is how bytes are pickled at protocol 2)")
+    return text.encode("latin1")
+
+
+#: Every global a ``.bin`` may name: (module, name) -> the checking stand-in.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy 1.x, Python 2
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # numpy 1.x, protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,  # numpy 2.x, protocol 5
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _U1Dtype,
+    ("_codecs", "encode"): _codecs_encode,  # Python 3, protocol 2
+}
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only ``_ALLOWED`` (to stand-ins), nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"names the global {module}.{name}, which a verification set "
+                           f"never needs") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("uses a persistent id")
+
+
+def _to_bytes(item: Any, i: int) -> bytes:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, _ArrayState) and item.array is not None:
+        return item.array.tobytes()
+    if isinstance(item, np.ndarray):  # only _frombuffer makes one, already checked
+        return item.tobytes()
+    raise _Refused(f"has image {i} of type {type(item).__name__} (expected bytes or a uint8 "
+                   f"array)")
+
+
+def _check(obj: Any) -> tuple[list[bytes], list[bool]]:
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise _Refused("is not a (bins, issame_list) pair")
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple)):
+        raise _Refused("is not a (list of images, list of booleans) pair")
+    images = [_to_bytes(item, i) for i, item in enumerate(bins)]
+    for k, s in enumerate(issame):
+        if not (isinstance(s, (bool, int)) and s in (0, 1)):
+            raise _Refused(f"has issame_list[{k}] = {s!r} (expected a boolean)")
+    if len(images) != 2 * len(issame):
+        raise _Refused(f"holds {len(images)} images for {len(issame)} pairs (expected "
+                       f"{2 * len(issame)})")
+    return images, [bool(s) for s in issame]
+
+
+def load_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
+    """``(encoded images (2P), same (P))`` of a ``.bin``, through the restricted unpickler.
+
+    Raises:
+        ConfigError: one line naming the file: unreadable, not a verification set, or a
+            global / dtype the format never needs (refused before anything runs).
+    """
+    try:
+        with open(path, "rb") as f:
+            obj = _BinUnpickler(f, encoding="bytes").load()
+        return _check(obj)
+    except _Refused as exc:
+        raise ConfigError(one_line(f"{path}: refused: the pickle {exc}; nothing in it was "
+                                   f"run")) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except Exception as exc:  # a malformed pickle raises anything from EOFError to TypeError
+        raise ConfigError(one_line(f"{path}: not an insightface verification .bin "
+                                   f"({type(exc).__name__}: {exc})")) from None
+
+
+class BinPairLoader:
+    """This rank's unpadded share of a ``.bin``'s pairs (pair ``k`` on rank ``k % world``).
+
+    The rank's images are decoded once, kept as uint8 (a quarter of float32's memory: 226 MB
+    for half of LFW's 12,000 images) and normalised per batch on the device.
+    """
+
+    def __init__(self, path: str | Path, rank: int, world: int, device: torch.device,
+                 batch_size: int = 256) -> None:
+        images, same = load_bin(path)
+        self.path, self.total = str(path), len(same)
+        self.index = torch.arange(rank, self.total, world)
+        self.images = torch.empty(len(self.index), 2, 3, IMAGE_SIZE, IMAGE_SIZE,
+                                  dtype=torch.uint8)
+        for j, k in enumerate(self.index.tolist()):
+            for s in (0, 1):
+                self.images[j, s] = decode_image(images[2 * k + s],
+                                                 f"{path}: image {2 * k + s} (pair {k})")
+        self.same = torch.tensor(same, dtype=torch.long)[self.index]
+        self.batch_size, self.device = batch_size, device
+
+    def set_epoch(self, epoch: int) -> None:
+        """The pairs are fixed."""
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.index) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for s in range(0, len(self.index), self.batch_size):
+            e = s + self.batch_size
+            y = torch.stack([self.index[s:e], self.same[s:e]], 1)
+            yield normalize(self.images[s:e].to(self.device)), y.to(self.device)
+
+
+def val_paths(cfg: Any) -> dict[str, Path]:
+    """``{name: {face.val_root or data.root}/{name}.bin}`` for ``face.val_targets``."""
+    root = Path(cfg.face.val_root or cfg.data.root)
+    return {name: root / f"{name}.bin" for name in cfg.face.val_targets}
+
+
+def missing_val_target(cfg: Any) -> str | None:
+    """The error line for the first ``face.val_targets`` entry without a file (or None)."""
+    for name, path in val_paths(cfg).items():
+        if not path.is_file():
+            return (f"face.val_targets: {name!r} has no file {path} (looked in face.val_root="
+                    f"{cfg.face.val_root!r}, else data.root={cfg.data.root!r})")
+    return None
+
+
+def val_loaders(cfg: Any, rank: int, world: int,
+                device: torch.device) -> dict[str, BinPairLoader]:
+    """One ``BinPairLoader`` per ``face.val_targets`` entry, in the config's order."""
+    error = missing_val_target(cfg)
+    if error:
+        raise ConfigError(error)
+    return {name: BinPairLoader(path, rank, world, device)
+            for name, path in val_paths(cfg).items()}
+
+
+def _first_target(cfg: Any) -> tuple[str, Path]:
+    if not cfg.face.val_targets:
+        raise ConfigError(f"face.val_targets is empty: data.name={cfg.data.name} has no "
+                          f"held-out pairs of its own; name insightface .bin sets (e.g. "
+                          f"[lfw, cfp_fp, agedb_30])")
+    error = missing_val_target(cfg)
+    if error:
+        raise ConfigError(error)
+    return next(iter(val_paths(cfg).items()))
+
+
+def target_loaders(cfg: Any, rank: int, world: int,
+                   device: torch.device) -> dict[str, BinPairLoader]:
+    """The registry's eval loader for real data: every ``face.val_targets`` set, by name (the
+    first one is the primary ``verification_*`` metric); at least one is required."""
+    _first_target(cfg)
+    return val_loaders(cfg, rank, world, device)
+
+
+def val_pair_count(cfg: Any) -> int:
+    """Pairs of the first ``face.val_targets`` set (unpickled, not decoded)."""
+    return len(load_bin(_first_target(cfg)[1])[1])
