@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -94,7 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     k = _sub(sub, "keys", "list every config key with its type, default, choices and meaning")
     k.add_argument("prefix", nargs="?", default="",
                    help="show only keys starting with this (e.g. optim, schedule.plateau)")
+    for name, module in COMMAND_MODULES.items():
+        mod = importlib.import_module(module)
+        cmd = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
+                             epilog=getattr(mod, "EXAMPLES", None),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(cmd)
+        cmd.set_defaults(run_command=mod.run, hard_exit=getattr(mod, "HARD_EXIT", False))
     return p
+
+
+#: Subcommands that live in their own module (kept light to import: heavy imports go inside
+#: ``run``): name -> module with ``HELP``, optional ``EXAMPLES``, ``add_arguments(parser)``
+#: and ``run(args) -> exit code``; a ConfigError they raise is a one-line error, exit 2.
+COMMAND_MODULES: dict[str, str] = {
+}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -225,8 +240,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.overrides = list(args.overrides) + extra
     commands = {"train": _cmd_train, "plan": _cmd_plan, "study": _cmd_study, "keys": _cmd_keys,
                 "status": _cmd_status}
+    if getattr(args, "run_command", None) is not None:
+        commands[args.command] = args.run_command
     # A real process (not a test calling main([...])) that trained exits hard once flushed.
-    hard = argv is None and args.command in ("train", "study")
+    hard = argv is None and (args.command in ("train", "study")
+                             or getattr(args, "hard_exit", False))
     try:
         code = commands[args.command](args)
     except ConfigError as exc:
