@@ -145,3 +145,4 @@ def test_synthetic_run_also_scores_the_named_bin_sets(face_data, tmp_path):
     # 20 lfw pairs vs the config's 600 held-out pairs: the figures are of different sets
     assert record["verification_std"] != record["lfw_std"] or \
         record["verification_acc"] != record["lfw_acc"]
+

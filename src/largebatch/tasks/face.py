@@ -71,8 +71,21 @@ def pair_distances(model: nn.Module, loader: Any, engine: Any) -> tuple[torch.Te
         ``(dist, same)``: float64 distances and 0/1 labels of all pairs (same on every rank).
     """
     index, dist, same = [], [], []
-    for x, y in loader:
-        n = x.shape[0]
+    # Every rank runs as many forward passes: under ZeRO 3 each one gathers the partitioned
+    # parameters (a collective), and pair shares can differ by a batch between ranks.
+    passes = int(engine.reduce_scalars([float(len(loader))], op="max")[0])
+    batches, pair_shape = iter(loader), None
+    for _ in range(passes):
+        batch = next(batches, None)
+        if batch is None:  # this rank is done: a one-pair dummy pass, not recorded
+            if pair_shape is None:
+                raise RuntimeError("verification: a rank holds no pair of the set (fewer "
+                                   "pairs than ranks)")
+            with engine.autocast():
+                flip_embed(model, torch.zeros(2, *pair_shape, device=engine.device))
+            continue
+        x, y = batch
+        n, pair_shape = x.shape[0], x.shape[2:]
         with engine.autocast():
             emb = flip_embed(model, x.to(engine.device).flatten(0, 1))
         dist.append(squared_distances(emb.view(n, 2, -1)).cpu())
