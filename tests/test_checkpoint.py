@@ -285,7 +285,8 @@ def test_hostile_pickle_is_refused_naming_the_file_and_never_runs(tmp_path, name
 
 # ---- real runs through the CLI -----------------------------------------------------------------
 BASE = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
-        "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5"]  # 60 steps, dropout
+        "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5",
+        "data.test_subset=1000"]  # 60 steps, dropout; 6 evaluations of 1000 test images (fast)
 
 
 def _args(root, out, *extra):
