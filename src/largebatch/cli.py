@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 #: ``run``): name -> module with ``HELP``, optional ``EXAMPLES``, ``add_arguments(parser)``
 #: and ``run(args) -> exit code``; a ConfigError they raise is a one-line error, exit 2.
 COMMAND_MODULES: dict[str, str] = {
+    "lr-find": "largebatch.lr_find_cli",
+    "plot": "largebatch.plot",
+    "noise-scale": "largebatch.noise_scale_cli",
 }
 
 

@@ -107,6 +107,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name} needs whole parameter tensors; "
                           f"engine.zero_stage={cfg.engine.zero_stage} partitions them (use 0)")
     _check_applicable(cfg)  # first: "does not apply" says more than a range error would
+    _check_batch(cfg)
     _check_optim(cfg.optim)
     check_schedule(cfg.schedule)
 
@@ -126,6 +127,31 @@ def _check_finite(cfg: Config, obj: Any = None, prefix: str = "") -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             if not (math.isinf(value) and key in _INF_ALLOWED):
                 raise ConfigError(f"{key}={value} must be a finite number")
+
+
+def _check_batch(cfg: Config) -> None:
+    """``batch.micro_size`` is an int or 'auto'; the auto search's budget keys."""
+    b = cfg.batch
+    if b.memory_budget_mb < 0:
+        raise ConfigError(f"batch.memory_budget_mb={b.memory_budget_mb} must be >= 0")
+    if not 0.0 < b.memory_fraction <= 1.0:
+        raise ConfigError(f"batch.memory_fraction={b.memory_fraction} must be in (0, 1]")
+    if not isinstance(b.micro_size, str):
+        return
+    if b.micro_size != "auto":
+        raise ConfigError(f"batch.micro_size={b.micro_size!r} must be a positive integer or "
+                          f"'auto'")
+    if b.global_size is None:
+        raise ConfigError("batch.micro_size=auto needs batch.global_size (the batch it keeps)")
+    if b.accum_steps is not None:
+        raise ConfigError(f"batch.micro_size=auto derives the accumulation; remove "
+                          f"batch.accum_steps={b.accum_steps}")
+    if cfg.engine.name == "deepspeed":  # its config fixes the micro batch when it is built
+        raise ConfigError("batch.micro_size=auto is not supported with engine.name=deepspeed; "
+                          "give batch.micro_size as a number")
+    if cfg.task.name == "face":  # the Partial FC head's forward is a collective: no local trial
+        raise ConfigError("batch.micro_size=auto is not supported with task.name=face; give "
+                          "batch.micro_size as a number")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -34,6 +34,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for tp_i in inner[1:]:  # e.g. int|str ('auto'): the first type that takes the value
+            if _matches(value, inner[0]):
+                break
+            if _matches(value, tp_i):
+                return _coerce(value, tp_i, key)
         return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -63,6 +68,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``_coerce`` accepts ``value`` as ``tp`` (for unions of several types)."""
+    try:
+        _coerce(value, tp, "")
+    except ConfigError:
+        return False
+    return True
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:

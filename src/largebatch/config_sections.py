@@ -123,9 +123,18 @@ class BatchConfig:
     """The batch arithmetic: global = micro x accum x world. Give any two of the three."""
 
     global_size: Optional[int] = doc("Samples per optimizer step, over all ranks.", None)
-    micro_size: Optional[int] = doc("Samples per forward/backward on one rank.", None)
+    micro_size: Optional[int | str] = doc("Samples per forward/backward on one rank, or 'auto': "
+                                          "the largest divisor of global_size / world that "
+                                          "fits the device (trial steps at run start; cached "
+                                          "in log.out_dir/micro_size_cache.json).", None)
     accum_steps: Optional[int] = doc("Micro-batches accumulated per optimizer step.", None)
     max_global_size: Optional[int] = doc("Upper bound for batch growth on plateau.", None)
+    memory_budget_mb: float = doc("micro_size=auto: MiB one step may hold (parameters, "
+                                  "gradients, optimizer state, saved activations, batch). "
+                                  "The limit on CPU (0 = none: the largest candidate); on "
+                                  "CUDA an extra cap (0 = only memory_fraction).", 0.0)
+    memory_fraction: float = doc("micro_size=auto on CUDA: the share of the device's memory "
+                                 "a trial step's peak may reach (safety margin).", 0.9)
 
 
 @dataclass
@@ -242,6 +251,13 @@ class TrainConfig:
     nonfinite: str = doc("A non-finite loss or gradient on any rank: 'stop' (end with a set of "
                          "the last good step) or 'skip' (drop the update on every rank, count "
                          "it in skipped_steps).", "stop")
+    noise_scale: bool = doc("Measure the gradient noise scale B_simple = tr(Sigma)/|G|^2 "
+                            "(McCandlish et al. 2018) live from each rank's pre-reduction and "
+                            "the global gradient (one process: the window's micro-batches); "
+                            "logs noise_scale, grad_sq_norm, grad_trace_cov and critical_batch "
+                            "(EMA estimates) per step in the train records, their last values "
+                            "in summary.json. Needs accumulation on one process; unavailable "
+                            "with DeepSpeed.", False)
 
 
 @dataclass

@@ -78,6 +78,9 @@ class BatchPlan:
     peak_lr: float
     warmup_steps: int
     max_global_size: Optional[int] = None
+    #: batch.micro_size=auto: how the micro size was found (``largebatch.tune.micro_batch``
+    #: ``AutoMicro.to_json``: source, peak and limit bytes, trials, candidates); None otherwise.
+    micro_auto: Optional[dict[str, Any]] = None
 
     @property
     def samples_per_step(self) -> int:
@@ -150,13 +153,42 @@ class BatchPlan:
             f"({'drop_last' if self.drop_last else 'last window may be short'})",
             f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule {self.scale_rule}, "
             f"peak {self.peak_lr:g}, warmup {self.warmup_steps} steps",
+            *([self._describe_auto()] if self.micro_auto else []),
         ])
 
+    def _describe_auto(self) -> str:
+        """The ``batch.micro_size=auto`` line: where the size came from, peak vs limit."""
+        a = self.micro_auto or {}
+        if a.get("source") == "pending":
+            return (f"  micro auto: searched at run start over {a.get('candidates')} "
+                    f"(shown: the largest)")
+        peak, limit = a.get("peak_bytes"), a.get("limit_bytes")
+        shown = "" if peak is None else f", peak {_mib(peak)}"
+        shown += "" if limit is None else f" <= limit {_mib(limit)}"
+        nxt = a.get("next_peak_bytes")
+        shown += "" if nxt is None else f", next size {_mib(nxt)}"
+        return (f"  micro auto: {self.micro_size} ({a.get('source')}{shown}, "
+                f"{a.get('trials', 0)} trial steps, {a.get('search_s', 0.0):.2f} s)")
 
-def make_plan(cfg: Config, world_size: int, dataset_size: int) -> BatchPlan:
-    """Build and validate the plan from the config, the launch's world size and the data."""
-    g, m, a = resolve_batch(cfg.batch.global_size, cfg.batch.micro_size, cfg.batch.accum_steps,
-                            world_size)
+
+def make_plan(cfg: Config, world_size: int, dataset_size: int,
+              micro_auto: Optional[dict[str, Any]] = None) -> BatchPlan:
+    """Build and validate the plan from the config, the launch's world size and the data.
+
+    Args:
+        micro_auto: with ``batch.micro_size=auto``, the search's outcome (its ``micro_size``
+            is the plan's); None before the search: the largest candidate, marked pending.
+    """
+    micro = cfg.batch.micro_size
+    if micro == "auto":
+        if micro_auto is None:
+            from largebatch.tune.micro_batch import candidates
+            cands = candidates(cfg.batch.global_size, world_size)
+            micro_auto = {"source": "pending", "candidates": cands}
+            micro = cands[-1]
+        else:
+            micro = int(micro_auto["micro_size"])
+    g, m, a = resolve_batch(cfg.batch.global_size, micro, cfg.batch.accum_steps, world_size)
     if dataset_size < 1:
         raise ConfigError(f"dataset has {dataset_size} samples; need at least 1")
     if cfg.data.drop_last and dataset_size < g:
@@ -172,7 +204,8 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int) -> BatchPlan:
                      dataset_size=dataset_size, drop_last=cfg.data.drop_last,
                      base_lr=cfg.optim.lr, scale_rule=cfg.optim.scale_rule, base_batch=base_batch,
                      peak_lr=scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, g, base_batch),
-                     warmup_steps=0, max_global_size=cfg.batch.max_global_size)
+                     warmup_steps=0, max_global_size=cfg.batch.max_global_size,
+                     micro_auto=micro_auto)
     warmup = cfg.schedule.warmup_steps
     if cfg.schedule.warmup_epochs > 0:
         if warmup:

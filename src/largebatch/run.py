@@ -68,10 +68,8 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     """Launch detection, plan, model, optimizer, engine, schedule, loaders, logger, trainer."""
     denv, device = setup_runtime(cfg, denv)
     dataset(cfg.data.name).prepare(cfg.data, denv)  # rank 0 downloads, the others wait
-    plan = plan_for(cfg, denv.world_size)
+    plan = plan_for(cfg, denv.world_size)  # micro_size=auto: provisional until the search
     check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
-    if denv.is_main and not quiet:
-        print(plan.describe(), flush=True)
     # Same seed on every rank for the model init (DDP would broadcast anyway), then a per-rank
     # stream so dropout masks differ across ranks like they would across samples.
     seed_everything(cfg.train.seed)
@@ -83,6 +81,12 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     engine.setup(model, optimizer)
     for module in parts.sharded:  # never wrapped; own optimizer, same LR and boundary
         engine.setup_sharded(module, task.sharded_optimizer(module, lr=plan.peak_lr))
+    checkpointer = make_checkpointer(cfg, denv, engine, quiet)
+    source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
+    if cfg.batch.micro_size == "auto":  # before the schedule and loaders, which need the size
+        plan = auto_micro_plan(cfg, denv, device, engine, task, source)
+    if denv.is_main and not quiet:
+        print(plan.describe(), flush=True)
     seed_everything(rank_seed(cfg.train.seed, denv.rank))
     planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
     if cfg.train.max_steps:
@@ -92,8 +96,6 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
                               reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
     train_loader, eval_loader = build_loaders(cfg, plan.micro_size, denv, cfg.train.seed,
                                               device)
-    checkpointer = make_checkpointer(cfg, denv, engine, quiet)
-    source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
     logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=source is not None)
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
@@ -104,6 +106,34 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
             checkpointer.load(trainer, source)  # rank 0 prints "resumed from SET at step N"
         watch_preemption(trainer)
     return Run(cfg, denv, plan, engine, trainer, logger)
+
+
+def auto_micro_plan(cfg: Config, denv: DistEnv, device: torch.device, engine: Engine,
+                    task: Any, source: Any) -> BatchPlan:
+    """The plan with ``batch.micro_size=auto`` resolved (collective: one min-reduce).
+
+    A resumed run at the same world size keeps the micro size of its checkpoint's plan (the
+    device may differ, the trajectory must not); otherwise the cache or a search decides, on
+    the unwrapped model (DDP's hooks and buffer broadcasts stay out of the trial steps).
+    """
+    from largebatch.tune.micro_batch import AutoMicro, find_micro_size, first_batch
+    size = dataset_size(cfg, train=True)
+    saved = None if source is None else source.manifest.get("plan")
+    if saved and saved.get("world_size") == denv.world_size:
+        old = BatchPlan.from_json(saved)
+        auto = AutoMicro(old.micro_size, "checkpoint",
+                         candidates=tuple((old.micro_auto or {}).get("candidates", ())))
+        return make_plan(cfg, denv.world_size, size, auto.to_json())
+    per_rank = cfg.batch.global_size // denv.world_size
+    loader, _ = build_loaders(cfg, min(per_rank, 64), denv, cfg.train.seed, device)
+    sample = first_batch(loader, 64)
+    sample = (sample[0].to(device), sample[1].to(device))
+    del loader
+    auto = find_micro_size(cfg, engine.unwrapped(), engine.optimizer, task.loss, sample,
+                           denv.world_size,
+                           lambda m: int(engine.reduce_scalars([float(m)], op="min")[0]),
+                           is_main=denv.is_main)
+    return make_plan(cfg, denv.world_size, size, auto.to_json())
 
 
 def checkpoint_dir(cfg: Config) -> Path:

@@ -20,6 +20,7 @@ from largebatch.config import Config, ConfigError
 from largebatch.data.loaders import Batch, BatchLoader
 from largebatch.engines.base import Engine
 from largebatch.metrics import MetricsLogger
+from largebatch.noise_scale import NoiseScaleMonitor
 from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
 from largebatch.run_state import RunState, Timer, map_resharded_position
@@ -55,6 +56,11 @@ class Trainer:
         self._over_budget = self._preempted = self._nonfinite = False
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
+        # train.noise_scale (off: every call on it is a no-op, nothing joins the collective)
+        label = (f"deepspeed (ZeRO stage {cfg.engine.zero_stage})" if engine.name == "deepspeed"
+                 else engine.name)
+        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale, plan.accum_steps, label)
+        self._reduced_extra: list[float] = []
 
     # ---- one step ---------------------------------------------------------------------------
     def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor,
@@ -93,16 +99,19 @@ class Trainer:
         # float64: the sum is later added across ranks and divided; keep the last bits.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for i, (x, y) in enumerate(window):
-            with self.engine.accumulate(is_boundary=i == n_micro - 1):
+            with (self.engine.accumulate(is_boundary=i == n_micro - 1),
+                  self.noise.micro(len(y), window_samples)):
                 loss = self.forward_backward_step(
                     x, y, self.task.micro_weight(len(y), window_samples))
             total += loss.double() * self.task.report_weight(len(y), window_samples)
         loss_sum = float(total)  # float() waits for the device
         bad = not math.isfinite(loss_sum) or not self.engine.grads_finite()
-        loss, any_bad = self._agree_on_loss_and_stop_flags(loss_sum, window_samples, bad,
-                                                           time.perf_counter() - t0)
+        loss, any_bad = self._agree_on_loss_and_stop_flags(
+            loss_sum, window_samples, bad, time.perf_counter() - t0,
+            extra=self.noise.local_values(window_samples))
         grad_norm, applied = None, not any_bad
         if applied:
+            sq_big = self.noise.global_sq_norm()  # the reduced gradient, before the step
             grad_norm = self.engine.step(compute_norm=self.cfg.log.grad_norm)
             # fp16: the grad scaler skipped optimizer.step() on inf/NaN gradients.
             applied = not self.engine.last_step_skipped
@@ -110,6 +119,8 @@ class Trainer:
             self.engine.zero_grad()
         if applied:
             self.schedule.step()
+            self.noise.update(self._reduced_extra, self.engine.world_size, window_samples,
+                              sq_big)
         if self._sync:
             torch.cuda.synchronize()
         # Compute = everything after the data arrived: forward/backward, the step's collective
@@ -224,7 +235,8 @@ class Trainer:
         return True
 
     def _agree_on_loss_and_stop_flags(self, loss_sum: float, samples: int, nonfinite: bool,
-                                      elapsed_s: float) -> tuple[float, bool]:
+                                      elapsed_s: float,
+                                      extra: Optional[list[float]] = None) -> tuple[float, bool]:
         """The global batch's mean loss, and the stop decisions every rank takes with it.
 
         Time budget and pre-emption are rank-local facts; every rank must act on them at the
@@ -236,6 +248,9 @@ class Trainer:
         A non-finite loss or gradient on any rank (``nonfinite``) is a flag too: it is
         agreed before the update, so every rank drops (or stops at) the same step.
 
+        ``extra`` values (the noise-scale estimate's local norms) ride along in the same
+        sum-reduce; their sums are left in ``self._reduced_extra``.
+
         Returns:
             The sample-weighted mean training loss over all ranks' windows, and whether some
             rank saw a non-finite loss or gradient.
@@ -245,9 +260,10 @@ class Trainer:
         values = [loss_sum if math.isfinite(loss_sum) else 0.0, float(samples),
                   float(bool(t.time_budget_s) and spent >= t.time_budget_s),
                   float(self.stop_requested and self.checkpointer is not None),
-                  float(nonfinite)]
+                  float(nonfinite), *(extra or ())]
         if self.engine.world_size > 1:
             values = self.engine.reduce_scalars(values, op="sum")
+        self._reduced_extra = values[5:]
         self._nonfinite = values[4] > 0
         loss = math.nan if self._nonfinite else values[0] / values[1]
         s.diverged = s.diverged or (not self._nonfinite and loss > t.max_loss)
@@ -310,7 +326,8 @@ class Trainer:
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
                                  "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                                 "time_s": s.train_time_s, "skipped_steps": s.skipped_steps})
+                                 "time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
+                                 **self.noise.metrics})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -363,8 +380,11 @@ class Trainer:
         engine = self.engine.state_dict()
         # A rank's own part (e.g. its head shard) goes to that rank's file, not rank 0's.
         per_rank = engine.pop("per_rank", None)
-        return {"run": self.state.state_dict(), "plan": self.plan.to_json(),
-                "schedule": self.schedule.state_dict(), "engine": engine, "per_rank": per_rank}
+        state = {"run": self.state.state_dict(), "plan": self.plan.to_json(),
+                 "schedule": self.schedule.state_dict(), "engine": engine, "per_rank": per_rank}
+        if self.noise.enabled:  # the estimate's EMAs, so a resumed run continues them
+            state["noise_scale"] = self.noise.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict``: the same step, data position, LR and batch plan."""
@@ -376,6 +396,7 @@ class Trainer:
             self.plan = map_resharded_position(self.state, old_plan, int(state["resharded_from"]),
                                                self.plan, self.engine.is_main)
         self.schedule.load_state_dict(state["schedule"])
+        self.noise.load_state_dict(state.get("noise_scale"))
         self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),
                                      "per_rank_all": state.get("per_rank_all")})
         self.logger.drop_after(self.state.step)  # what a killed run logged past this set
@@ -392,5 +413,5 @@ class Trainer:
                 "steps_to_target": s.steps_to_target, "epochs_to_target": s.epochs_to_target,
                 "time_to_target_s": s.time_to_target_s, "diverged": s.diverged,
                 "stop_reason": s.stop_reason, "skipped_steps": s.skipped_steps,
-                "final_lr": self.schedule.lr,
+                "final_lr": self.schedule.lr, **self.noise.summary(),
                 "plan_changes": s.plan_changes, "plan": self.initial_plan.to_json()}

@@ -133,6 +133,23 @@ class Engine(ABC):
         """The replicated model's trainable parameters (the sharded modules' are their own)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    # ---- gradients before their reduction (the noise-scale estimate) ----------------------
+    def start_grad_probe(self) -> str:
+        """How ``largebatch.noise_scale`` can see this rank's gradient before any reduction;
+        called once, before the first backward. 'comm_hook': a hook squares each rank's window
+        gradient as it is reduced (``pop_local_grad_sq_norm``); 'micro': one process, where
+        ``.grad`` holds every micro-batch's contribution; '' (default): not at all."""
+        return ""
+
+    def pop_local_grad_sq_norm(self) -> Optional[torch.Tensor]:
+        """This rank's pre-reduction squared gradient norm since the last call ('comm_hook'
+        engines; still loss-scaled under fp16), or None."""
+        return None
+
+    def loss_scale(self) -> float:
+        """The fp16 grad scaler's current scale (1.0 without fp16): gradients carry it."""
+        return float(self._scaler.get_scale()) if self._scaler.is_enabled() else 1.0
+
     def sharded_sq_norm(self) -> float:
         """Sum over ranks of the sharded modules' squared gradient norms (a collective; 0.0
         without sharded modules, no collective then)."""

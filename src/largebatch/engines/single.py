@@ -17,3 +17,7 @@ class SingleEngine(Engine):
         self.model = model.to(self.device)
         self.optimizer = optimizer
         return self.model
+
+    def start_grad_probe(self) -> str:
+        """One process: the trainer reads each micro-batch's gradient from ``.grad``."""
+        return "micro"
