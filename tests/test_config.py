@@ -230,3 +230,16 @@ def test_yaml_tags_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="evil.yaml: invalid YAML"):
         load_config(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_int_or_auto_key_stays_an_int_whatever_union_order_typing_cached():
+    """typing caches equal unions: once ``Optional[str | int]`` was built anywhere in the
+    process, the config's ``Optional[int | str]`` comes back in that order (``int | str ==
+    str | int``); 24 must stay the int 24."""
+    import typing
+    assert typing.get_args(typing.Optional[str | int])[0] is str
+    cfg = load_config(CONFIGS / "mnist" / "seed.yaml",
+                      ["batch.global_size=48", "batch.micro_size=24"])
+    assert cfg.batch.micro_size == 24 and isinstance(cfg.batch.micro_size, int)
+    assert load_config(CONFIGS / "mnist" / "seed.yaml",
+                       ["batch.global_size=48", "batch.micro_size=auto"]).batch.micro_size == "auto"

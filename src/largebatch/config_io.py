@@ -33,7 +33,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
+        # str last: it takes what the others would (24 -> '24'), and typing may hand back a
+        # cached equal union in another order (Union[str, int] == Union[int, str]).
+        inner = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
         for tp_i in inner[1:]:  # e.g. int|str ('auto'): the first type that takes the value
             if _matches(value, inner[0]):
                 break
