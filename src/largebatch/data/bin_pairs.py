@@ -16,17 +16,16 @@ is ever resolved, so a planted payload never runs. Non-uint8 (and object) arrays
 """
 from __future__ import annotations
 
-import math
 import pickle
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from largebatch.config import ConfigError
-from largebatch.data.face_images import IMAGE_SIZE, decode_image, normalize, one_line
-from largebatch.data.loaders import Batch
+from largebatch.data.face_images import IMAGE_SIZE, PairBatches, decode_image, normalize, \
+    one_line
 
 
 class _Refused(Exception):
@@ -179,7 +178,7 @@ def load_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
                                    f"({type(exc).__name__}: {exc})")) from None
 
 
-class BinPairLoader:
+class BinPairLoader(PairBatches):
     """This rank's unpadded share of a ``.bin``'s pairs (pair ``k`` on rank ``k % world``).
 
     The rank's images are decoded once, kept as uint8 (a quarter of float32's memory: 226 MB
@@ -200,17 +199,9 @@ class BinPairLoader:
         self.same = torch.tensor(same, dtype=torch.long)[self.index]
         self.batch_size, self.device = batch_size, device
 
-    def set_epoch(self, epoch: int) -> None:
-        """The pairs are fixed."""
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.index) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for s in range(0, len(self.index), self.batch_size):
-            e = s + self.batch_size
-            y = torch.stack([self.index[s:e], self.same[s:e]], 1)
-            yield normalize(self.images[s:e].to(self.device)), y.to(self.device)
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> insightface's normalisation, on the device."""
+        return normalize(x)
 
 
 def val_paths(cfg: Any) -> dict[str, Path]:

@@ -25,6 +25,34 @@ from largebatch.data.loaders import Batch, shard_indices
 IMAGE_SIZE = 112
 
 
+class PairBatches:
+    """Batches of one rank's verification pairs: ``x (n, 2, 3, H, W)``, ``y (n, 2) = [global
+    pair index, same 0/1]``; subclasses set ``index``, ``images``, ``same``, ``batch_size``,
+    ``device`` and may override ``prepare`` (e.g. normalise uint8 images on the device)."""
+
+    index: torch.Tensor
+    images: torch.Tensor
+    same: torch.Tensor
+    batch_size: int
+    device: Any
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The images of a batch as the model takes them (already on the device)."""
+        return x
+
+    def set_epoch(self, epoch: int) -> None:
+        """The pairs are fixed."""
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.index) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for s in range(0, len(self.index), self.batch_size):
+            e = s + self.batch_size
+            y = torch.stack([self.index[s:e], self.same[s:e]], 1)
+            yield self.prepare(self.images[s:e].to(self.device)), y.to(self.device)
+
+
 def one_line(text: str) -> str:
     """``text`` with its line breaks and runs of spaces collapsed (error lines stay one line)."""
     return " ".join(str(text).split())

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from largebatch.config import Config, ConfigError
 from largebatch.data.loaders import Batch, shard_indices
+from largebatch.data.face_images import PairBatches
 
 _PROTO_SEED = 0x5EED_FACE
 _DECODER_SEED = 0xDEC0DE
@@ -243,7 +244,7 @@ def verification_pairs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return augment(protos, keys, cfg).view(len(same), 2, *protos.shape[1:]), same
 
 
-class PairLoader:
+class PairLoader(PairBatches):
     """This rank's unpadded share of the verification pairs (every pair counted once)."""
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device,
@@ -254,17 +255,6 @@ class PairLoader:
         self.batch_size, self.device = batch_size, device
         self.total = len(same)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The pairs are fixed."""
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.index) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for s in range(0, len(self.index), self.batch_size):
-            e = s + self.batch_size
-            y = torch.stack([self.index[s:e], self.same[s:e]], 1)
-            yield self.images[s:e].to(self.device), y.to(self.device)
 
 
 def eval_loaders(cfg: Config, rank: int, world: int,
