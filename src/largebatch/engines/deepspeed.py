@@ -12,12 +12,16 @@ epoch's end and grows when the batch grows on a plateau, while DeepSpeed's
 the window (``set_gradient_accumulation_boundary``), the loss arrives already weighted by its
 share of the window (``backward(..., scale_wrt_gas=False)``: no second division by the
 accumulation steps), and DeepSpeed's ``step()`` is called once per window, on the boundary.
+
+Checkpoints, resume and the restore behind a dropped window live in ``ds_state`` (each rank's
+fp32 partitions, optimizer state, ZeRO-3 shares, counters and loss-scaler numbers).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import types
 from typing import Any, Iterator, Optional
 
 import torch
@@ -26,6 +30,7 @@ from torch import nn
 
 from largebatch.config import Config, ConfigError
 from largebatch.dist import DistEnv
+from largebatch.engines import ds_state
 from largebatch.engines.base import Engine, total_grad_norm
 from largebatch.engines.ds_config import build_ds_config
 from largebatch.plan import BatchPlan
@@ -42,6 +47,48 @@ def _skip_shm_comm_build(deepspeed: Any) -> None:
     """
     compatible = deepspeed.ops.__compatible_ops__
     compatible["deepspeed_shm_comm"] = False
+
+
+def _batchnorm_forward_fp32_affine(self: nn.modules.batchnorm._BatchNorm,
+                                   x: torch.Tensor) -> torch.Tensor:
+    """The module's own forward with its affine parameters upcast to the running stats'
+    dtype (fp32): a "mixed" batch norm (low-precision input, fp32 parameters and stats).
+
+    The cast is differentiable, so the gradients still reach the low-precision parameters
+    DeepSpeed reduces (and its fp32 masters). The swap goes through ``_parameters`` since a
+    plain tensor cannot be assigned to a parameter's name; ``finally`` puts them back.
+    """
+    saved = {n: p for n, p in self._parameters.items() if n in ("weight", "bias") and p is not None}
+    try:
+        for n, p in saved.items():
+            self._parameters[n] = p.to(self.running_mean.dtype)
+        return type(self).forward(self, x)
+    finally:
+        self._parameters.update(saved)
+
+
+def _batchnorm_in_mixed_precision(module: nn.Module) -> int:
+    """Let every BatchNorm whose parameters DeepSpeed cast to bf16/fp16 run with its fp32
+    running stats; returns how many modules were changed.
+
+    DeepSpeed's bf16/fp16 mode casts parameters only and keeps buffers in their dtype on
+    purpose (``_cast_module_mixed_precision``), so BN's running_mean/var stay fp32 beside
+    bf16 weights: CUDA's batch norm accepts that mix, CPU's refuses it ("expected scalar type
+    BFloat16 but found Float"). Casting the stats to bf16 instead would make them imprecise
+    where they matter (eval, verification): with an 8-bit mantissa a momentum-0.1 update of
+    a batch statistic within ~2-4% of the running value rounds away, so they stall off the
+    true value. Whole fp32 BN modules are not possible: ZeRO flattens every parameter into
+    its bf16 buffers. fp32 weight/bias with a bf16 input is torch's mixed batch norm (what
+    autocast gives), supported and accumulated in fp32 on CPU and CUDA alike.
+    """
+    changed = 0
+    for m in module.modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                and any(p is not None and p.dtype != m.running_mean.dtype
+                        for p in (m.weight, m.bias))):
+            m.forward = types.MethodType(_batchnorm_forward_fp32_affine, m)
+            changed += 1
+    return changed
 
 
 class DeepSpeedEngine(Engine):
@@ -84,9 +131,6 @@ class DeepSpeedEngine(Engine):
         self.plan = plan
         self.ds_config: dict[str, Any] = build_ds_config(cfg, self.plan)
         self.zero_stage: int = self.ds_config["zero_optimization"]["stage"]
-        if cfg.checkpoint.resume not in ("auto", "never") and not self._restorable():
-            # Refuse now rather than on the requeued job, after hours of training.
-            raise self._not_restorable_error()
 
     # ---- set-up ---------------------------------------------------------------------------
     def _ensure_process_group(self) -> None:
@@ -111,11 +155,15 @@ class DeepSpeedEngine(Engine):
         """
         import deepspeed  # slow to import: only when this engine is really used
 
+        from largebatch.models import sync_batchnorm
+
         _skip_shm_comm_build(deepspeed)
         self._ensure_process_group()
+        model = sync_batchnorm(model, self.device)  # model.sync_bn: before ZeRO sees it
         ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, config=self.ds_config,
             dist_init_required=False)
+        _batchnorm_in_mixed_precision(ds_engine.module)  # after DeepSpeed's bf16/fp16 cast
         self.model = ds_engine
         self.optimizer = ds_optimizer
         return self.model
@@ -151,7 +199,7 @@ class DeepSpeedEngine(Engine):
         before = None
         # ZeRO 0, fp32: the module holds the global gradient, since DeepSpeed's (default)
         # managed accumulation all-reduces it in the boundary's backward, before step().
-        if want and self._restorable():
+        if want and self._client_steps_module():
             before = total_grad_norm([p for p in self.model.module.parameters()
                                       if p.requires_grad])
         # The sharded modules' (e.g. the Partial FC head's) share of the global norm, before
@@ -161,6 +209,9 @@ class DeepSpeedEngine(Engine):
         # after an empty window (never produced by the trainer) from silently being skipped.
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
+        # DeepSpeed skipped the update itself (fp16 loss-scale overflow, or an inf/NaN norm it
+        # found): the trainer must then neither step the schedule nor count the step.
+        self.last_step_skipped = not self.model.was_step_applied()
         self._step_sharded()  # largebatch steps the head, DeepSpeed never sees it
         if not want:
             return None
@@ -199,47 +250,61 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
-    def _restorable(self) -> bool:
-        # Only at ZeRO 0 in fp32 are the module's parameters the optimizer's own; elsewhere the
-        # fp32 master copies and their optimizer state live in DeepSpeed's flat partitions.
-        return self.zero_stage == 0 and self.precision == "fp32"
+    def _client_steps_module(self) -> bool:
+        return ds_state.client_steps_module(self.zero_stage, self.precision)
 
-    def _not_restorable_error(self) -> ConfigError:
-        return ConfigError(f"checkpoint.resume with engine.name=deepspeed needs "
-                           f"engine.zero_stage=0 and train.precision=fp32 (got ZeRO "
-                           f"{self.zero_stage}, {self.precision}: DeepSpeed keeps the fp32 "
-                           f"master weights and optimizer state partitioned)")
+    def _counters(self) -> dict[str, int]:
+        return ds_state.counters(self.model)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Full model weights, plus the optimizer state where ``load_state_dict`` can use it.
+    def local_state(self, to_cpu: bool = True) -> dict[str, Any]:
+        """This rank's share of DeepSpeed's state (``ds_state.local_state``)."""
+        return ds_state.local_state(self, to_cpu=to_cpu)
 
-        The optimizer entry is the client optimizer's torch state at ZeRO 0 / fp32 and None
-        otherwise: DeepSpeed's partitioned state pickles DeepSpeed classes (LossScaler,
-        ZeroStageEnum) that a ``weights_only`` load refuses, and restoring it takes
-        DeepSpeed's own checkpoint API. The model entry is always complete.
-        """
-        return {"model": self.model_state_dict(),
-                "optimizer": self.optimizer.state_dict() if self._restorable() else None,
-                "zero_stage": self.zero_stage,
-                "rank": self.rank,
-                "per_rank": self.sharded_state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict`` (a resume): supported at ZeRO 0 in fp32 only.
-
-        There the module's parameters are the optimizer's. With ZeRO >= 1 or DeepSpeed's
-        bf16/fp16 optimizers the fp32 master copies live in DeepSpeed's partitions, which a
-        full rank-0 checkpoint does not capture.
+    def load_local_state(self, local: dict[str, Any]) -> None:
+        """Restore ``local_state`` of this rank (``ds_state.load_local_state``).
 
         Raises:
-            ConfigError: at ZeRO >= 1 or bf16/fp16 (also raised at construction when
-                checkpoint.resume is set).
+            ConfigError: the saved layout is not this launch's.
         """
-        if not self._restorable():
-            raise self._not_restorable_error()
-        self.unwrapped().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("per_rank_all") is not None:  # written at another world size
-            self.load_resharded(state["per_rank_all"])
-        else:
-            self.load_sharded_state_dict(state.get("per_rank"))
+        ds_state.load_local_state(self, local)
+
+    # ---- a dropped window (train.nonfinite=skip|stop) -------------------------------------
+    def grads_finite(self) -> bool:
+        """Whether this rank's share of the window's gradients is finite (no collective).
+
+        ZeRO 1-3: this rank's gradient partitions (``ds_state.partition_grads_finite``); ZeRO
+        0: the module's ``.grad``. fp16 is left to DeepSpeed's loss scaler, whose skip
+        ``step`` reports.
+        """
+        if self.precision == "fp16":
+            return True
+        if self.zero_stage == 0:
+            return super().grads_finite()
+        return ds_state.partition_grads_finite(self)
+
+    def zero_grad(self) -> None:
+        """Drop the window's update on every rank (called by all ranks alike).
+
+        Where DeepSpeed steps fp32 masters its gradient buffers clear only in its step, so
+        ``ds_state.drop_window`` steps and restores this rank's state from a copy.
+        """
+        if self._client_steps_module():
+            return super().zero_grad()
+        ds_state.drop_window(self)
+        self.last_step_skipped = False
+        super().zero_grad()  # the sharded modules' own windows; DeepSpeed's grads are clear
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Full model weights; the optimizer state here (ZeRO 0 / fp32) or per rank
+        (``ds_state.checkpoint_state``). A collective at ZeRO 3."""
+        return ds_state.checkpoint_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` (a resume; ``ds_state.load_checkpoint_state``).
+
+        Raises:
+            ConfigError: ZeRO >= 1 or bf16 with a checkpoint of another world size, or
+                another stage / partitioning.
+        """
+        ds_state.load_checkpoint_state(self, state)
