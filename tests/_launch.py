@@ -156,8 +156,15 @@ def _teardown(rank: int, check: bool) -> None:
         dist.destroy_process_group()
     if not check:
         return
-    gc.collect()
-    alive = sorted(name for name in _thread_names() if "gloo" in name)
+    # A released group's threads exit asynchronously (e.g. after its last Work is freed): give
+    # them up to 5 s; a group something still holds keeps its threads, and fails here.
+    deadline = time.monotonic() + 5.0
+    while True:
+        gc.collect()
+        alive = sorted(name for name in _thread_names() if "gloo" in name)
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if alive:
         raise RuntimeError(
             f"rank {rank}: the process group outlived destroy_process_group ({len(alive)} gloo "

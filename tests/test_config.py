@@ -233,13 +233,16 @@ def test_yaml_tags_are_refused_in_one_line(tmp_path):
 
 
 def test_int_or_auto_key_stays_an_int_whatever_union_order_typing_cached():
-    """typing caches equal unions: once ``Optional[str | int]`` was built anywhere in the
-    process, the config's ``Optional[int | str]`` comes back in that order (``int | str ==
-    str | int``); 24 must stay the int 24."""
+    """typing caches equal unions (``int | str == str | int``): once ``Optional[str | int]``
+    was built anywhere in the process, the config's ``Optional[int | str]`` can come back with
+    str first. Whatever the order, 24 must stay the int 24 and 'auto' the string."""
     import typing
-    assert typing.get_args(typing.Optional[str | int])[0] is str
+
+    from largebatch.config_io import _coerce
+    for union in (typing.Union[str, int, None], typing.Union[int, str, None]):
+        assert _coerce(24, union, "batch.micro_size") == 24
+        assert isinstance(_coerce(24, union, "batch.micro_size"), int)
+        assert _coerce("auto", union, "batch.micro_size") == "auto"
     cfg = load_config(CONFIGS / "mnist" / "seed.yaml",
                       ["batch.global_size=48", "batch.micro_size=24"])
     assert cfg.batch.micro_size == 24 and isinstance(cfg.batch.micro_size, int)
-    assert load_config(CONFIGS / "mnist" / "seed.yaml",
-                       ["batch.global_size=48", "batch.micro_size=auto"]).batch.micro_size == "auto"
