@@ -15,10 +15,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from largebatch.config import ConfigError, load_config
-from largebatch.data import recordio
+from largebatch.data import recordio, recordio_write
 from largebatch.data.recordio import (IndexedRecordReader, RecordFaceSource, RecordIOLoader,
-                                      RecordWriter, frame, image_keys, pack, read_record, unpack,
-                                      write_face_rec)
+                                      frame, image_keys, pack, read_record, unpack)
+from largebatch.data.recordio_write import RecordWriter, write_face_rec
 from largebatch.data.registry import dataset
 from tests.conftest import REPO
 
@@ -220,7 +220,7 @@ def test_imagefolder_tree_converts_to_rec(tmp_path):
         for s in seeds:
             ext = "jpg" if fmt == "JPEG" else "png"
             (tmp_path / "tree" / name / f"{s}.{ext}").write_bytes(jpeg(s, fmt=fmt))
-    assert recordio.imagefolder_to_rec(tmp_path / "tree", tmp_path / "rec") == 3
+    assert recordio_write.imagefolder_to_rec(tmp_path / "tree", tmp_path / "rec") == 3
     reader = IndexedRecordReader(tmp_path / "rec" / "train.rec", tmp_path / "rec" / "train.idx")
     (h1, png), (h2, j1), (h3, j2) = (unpack(reader.read(k), "") for k in (1, 2, 3))
     assert [h1.label, h2.label, h3.label] == [0.0, 1.0, 1.0]  # amy < bob

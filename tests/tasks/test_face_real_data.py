@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from largebatch.data.recordio import write_face_rec
+from largebatch.data.recordio_write import write_face_rec
 from tests.conftest import assert_same_weights, model_weights, run_cli, run_torchrun
 
 IDENTITIES, PER_ID, PAIRS = 6, 6, 20
