@@ -57,9 +57,8 @@ class Trainer:
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
         # train.noise_scale (off: every call on it is a no-op, nothing joins the collective)
-        label = (f"deepspeed (ZeRO stage {cfg.engine.zero_stage})" if engine.name == "deepspeed"
-                 else engine.name)
-        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale, plan.accum_steps, label)
+        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale, plan.accum_steps,
+                                       engine.describe())
         self._reduced_extra: list[float] = []
 
     # ---- one step ---------------------------------------------------------------------------

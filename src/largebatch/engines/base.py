@@ -133,6 +133,10 @@ class Engine(ABC):
         """The replicated model's trainable parameters (the sharded modules' are their own)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def describe(self) -> str:
+        """How messages name this engine (e.g. ``ddp``; DeepSpeed adds its ZeRO stage)."""
+        return self.name
+
     # ---- gradients before their reduction (the noise-scale estimate) ----------------------
     def start_grad_probe(self) -> str:
         """How ``largebatch.noise_scale`` can see this rank's gradient before any reduction;

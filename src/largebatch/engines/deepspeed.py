@@ -145,6 +145,10 @@ class DeepSpeedEngine(Engine):
             torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0,
                                           world_size=1)
 
+    def describe(self) -> str:
+        """``deepspeed (ZeRO stage N)``: what the engine can measure depends on the stage."""
+        return f"deepspeed (ZeRO stage {self.zero_stage})"
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         """``deepspeed.initialize`` with ``optimizer`` as the client optimizer.
 
