@@ -58,6 +58,7 @@ _CHOICES = {
     "engine.name": ("auto", "single", "ddp", "deepspeed"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "log.wandb.mode": ("disabled", "offline", "online"),
+    "batch.adapt": ("none", "goodput"),
 }
 
 
@@ -75,7 +76,8 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}")
     _check_finite(cfg)
-    positive = {"optim.lr": cfg.optim.lr, "train.epochs": cfg.train.epochs,
+    _check_lr(cfg.optim.lr)
+    positive = {"train.epochs": cfg.train.epochs,
                 "log.every_steps": cfg.log.every_steps, "train.max_loss": cfg.train.max_loss}
     for key, value in positive.items():
         if not value > 0:
@@ -132,6 +134,7 @@ def _check_finite(cfg: Config, obj: Any = None, prefix: str = "") -> None:
 def _check_batch(cfg: Config) -> None:
     """``batch.micro_size`` is an int or 'auto'; the auto search's budget keys."""
     b = cfg.batch
+    _check_adapt(cfg)
     if b.memory_budget_mb < 0:
         raise ConfigError(f"batch.memory_budget_mb={b.memory_budget_mb} must be >= 0")
     if not 0.0 < b.memory_fraction <= 1.0:
@@ -152,6 +155,37 @@ def _check_batch(cfg: Config) -> None:
     if cfg.task.name == "face":  # the Partial FC head's forward is a collective: no local trial
         raise ConfigError("batch.micro_size=auto is not supported with task.name=face; give "
                           "batch.micro_size as a number")
+
+
+def _check_adapt(cfg: Config) -> None:
+    """``batch.adapt=goodput``: its keys, and what it cannot be combined with."""
+    b = cfg.batch
+    if b.adapt_every_steps < 1:
+        raise ConfigError(f"batch.adapt_every_steps={b.adapt_every_steps} must be >= 1")
+    if b.adapt_max_micro is not None and b.adapt_max_micro < 1:
+        raise ConfigError(f"batch.adapt_max_micro={b.adapt_max_micro} must be >= 1")
+    if b.adapt != "goodput":
+        return
+    if cfg.engine.name == "deepspeed":  # its batch fields are fixed when its engine is built
+        raise ConfigError("batch.adapt=goodput is not supported with engine.name=deepspeed "
+                          "(its batch is fixed at init and the noise scale is unavailable)")
+    if cfg.schedule.name == "plateau" and cfg.schedule.plateau.action == "grow_batch":
+        raise ConfigError("batch.adapt=goodput and schedule.plateau.action=grow_batch both "
+                          "change the batch; use one")
+    micro = b.micro_size if isinstance(b.micro_size, int) else None
+    if b.adapt_max_micro is not None and micro is not None and b.adapt_max_micro < micro:
+        raise ConfigError(f"batch.adapt_max_micro={b.adapt_max_micro} is smaller than "
+                          f"batch.micro_size={micro}")
+
+
+def _check_lr(lr: float | str) -> None:
+    """``optim.lr``: a positive number or 'auto' (the range test at run start picks it)."""
+    if isinstance(lr, str):
+        if lr != "auto":
+            raise ConfigError(f"optim.lr: expected a number, got {lr!r} (or 'auto': the LR "
+                              f"range test at run start picks the peak LR)")
+    elif not lr > 0:
+        raise ConfigError(f"optim.lr={lr} must be > 0 (or 'auto')")
 
 
 def _check_optim(o: OptimConfig) -> None:

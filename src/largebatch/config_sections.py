@@ -135,6 +135,17 @@ class BatchConfig:
                                   "CUDA an extra cap (0 = only memory_fraction).", 0.0)
     memory_fraction: float = doc("micro_size=auto on CUDA: the share of the device's memory "
                                  "a trial step's peak may reach (safety margin).", 0.9)
+    adapt: str = doc("'none' or 'goodput': every batch.adapt_every_steps steps, choose the "
+                     "global batch that maximises throughput x statistical efficiency from the "
+                     "live noise scale (largebatch.tune.goodput); the LR follows "
+                     "optim.scale_rule.", "none")
+    adapt_every_steps: int = doc("batch.adapt=goodput: optimizer steps between decisions (and "
+                                 "at every epoch start).", 50)
+    adapt_max_micro: Optional[int] = doc("batch.adapt=goodput: the largest micro batch it may "
+                                         "choose (the user's statement of what fits; null = "
+                                         "keep the configured micro size, adapt through "
+                                         "accumulation only). Needs a loader that can re-cut "
+                                         "its micro-batches (data.loader=memory).", None)
 
 
 @dataclass
@@ -147,7 +158,11 @@ class OptimConfig:
     """
 
     name: str = doc("'sgd', 'adamw', 'lars' or 'lamb'.", "sgd")
-    lr: float = doc("Learning rate at optim.base_batch (the unscaled base LR).", 0.02)
+    lr: float | str = doc("Learning rate at optim.base_batch (the unscaled base LR), or 'auto': "
+                          "an LR range test at the planned global batch picks the peak LR "
+                          "(and, when no warmup is set, the warmup) at run start "
+                          "(largebatch.tune.lr_auto; a resumed run keeps the LR it found).",
+                          0.02)
     momentum: float = doc("Momentum (SGD, LARS).", 0.0)
     dampening: float = doc("Momentum dampening (SGD, LARS; torch's and timm's meaning): after a "
                            "tensor's first step buf = momentum * buf + (1 - dampening) * d.", 0.0)
@@ -338,6 +353,10 @@ class StudyConfig:
     max_epochs: float = doc("Epoch cap per (arm, batch size).", 20.0)
     budget_s: float = doc("Training-time cap per (arm, batch size).", 300.0)
     loss_iters: int = doc("Iterations of per-step loss kept for the oscillation figure.", 1000)
+    noise_scale: bool = doc("Measure B_simple (train.noise_scale) in the convergence runs; on "
+                            "one process batch B >= 2 then runs as micro B/p x accum p (p: "
+                            "the smallest prime factor of B; the global batch unchanged). The "
+                            "timing passes stay micro B x accum 1.", True)
     quick: bool = doc("A small, fast study (data subset, fewer batch sizes, few epochs).", False)
 
 

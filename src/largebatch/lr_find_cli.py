@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         built = build_run(cfg, quiet=args.json)
         result = lr_find(built.trainer, args.min_lr, args.max_lr, args.steps)
-        extra = train_overrides(result, cfg.optim.lr, built.plan.peak_lr)
+        # The plan's base LR, not cfg.optim.lr: with optim.lr=auto the plan holds a unit base.
+        extra = train_overrides(result, built.plan.base_lr, built.plan.peak_lr)
         if built.denv.is_main:
             json_path, _ = write_outputs(result, out)
             command = None if extra is None else " ".join(

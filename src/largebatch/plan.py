@@ -81,6 +81,9 @@ class BatchPlan:
     #: batch.micro_size=auto: how the micro size was found (``largebatch.tune.micro_batch``
     #: ``AutoMicro.to_json``: source, peak and limit bytes, trials, candidates); None otherwise.
     micro_auto: Optional[dict[str, Any]] = None
+    #: optim.lr=auto: what the range test found (``largebatch.tune.lr_auto``); before it the
+    #: plan holds a unit base LR (peak_lr = the scaling rule's factor), marked pending.
+    lr_auto: Optional[dict[str, Any]] = None
 
     @property
     def samples_per_step(self) -> int:
@@ -123,6 +126,21 @@ class BatchPlan:
         return dataclasses.replace(self, accum_steps=accum,
                                    global_size=self.micro_size * accum * self.world_size)
 
+    def resized(self, micro_size: int, accum_steps: int) -> "BatchPlan":
+        """The plan at another micro size and accumulation (``batch.adapt=goodput``), with the
+        peak LR the scaling rule gives at the new global batch (warmup steps unchanged).
+
+        Raises:
+            ConfigError: a value is not positive, or the batch exceeds ``max_global_size``.
+        """
+        g, m, a = resolve_batch(None, micro_size, accum_steps, self.world_size)
+        if self.max_global_size is not None and g > self.max_global_size:
+            raise ConfigError(f"global batch {g} = {m} x {a} x {self.world_size} exceeds "
+                              f"batch.max_global_size={self.max_global_size}")
+        return dataclasses.replace(self, global_size=g, micro_size=m, accum_steps=a,
+                                   peak_lr=scaled_lr(self.base_lr, self.scale_rule, g,
+                                                     self.base_batch))
+
     def deepspeed_fields(self) -> dict[str, int]:
         """DeepSpeed's three batch fields, derived from this plan."""
         return {"train_batch_size": self.global_size,
@@ -154,6 +172,7 @@ class BatchPlan:
             f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule {self.scale_rule}, "
             f"peak {self.peak_lr:g}, warmup {self.warmup_steps} steps",
             *([self._describe_auto()] if self.micro_auto else []),
+            *([_describe_lr_auto(self.lr_auto)] if self.lr_auto else []),
         ])
 
     def _describe_auto(self) -> str:
@@ -200,12 +219,14 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int,
     base_batch = cfg.optim.base_batch if cfg.optim.base_batch is not None else g
     if base_batch < 1:
         raise ConfigError(f"optim.base_batch={base_batch} must be a positive integer")
+    auto_lr = cfg.optim.lr == "auto"  # a unit base LR until the range test sets the peak
+    base_lr, lr_auto = (1.0, {"source": "pending"}) if auto_lr else (cfg.optim.lr, None)
     plan = BatchPlan(global_size=g, micro_size=m, accum_steps=a, world_size=world_size,
                      dataset_size=dataset_size, drop_last=cfg.data.drop_last,
-                     base_lr=cfg.optim.lr, scale_rule=cfg.optim.scale_rule, base_batch=base_batch,
-                     peak_lr=scaled_lr(cfg.optim.lr, cfg.optim.scale_rule, g, base_batch),
+                     base_lr=base_lr, scale_rule=cfg.optim.scale_rule, base_batch=base_batch,
+                     peak_lr=scaled_lr(base_lr, cfg.optim.scale_rule, g, base_batch),
                      warmup_steps=0, max_global_size=cfg.batch.max_global_size,
-                     micro_auto=micro_auto)
+                     micro_auto=micro_auto, lr_auto=lr_auto)
     warmup = cfg.schedule.warmup_steps
     if cfg.schedule.warmup_epochs > 0:
         if warmup:
@@ -213,6 +234,18 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int,
                               f"{cfg.schedule.warmup_epochs} are both set; give one")
         warmup = round(cfg.schedule.warmup_epochs * plan.steps_per_epoch)
     return dataclasses.replace(plan, warmup_steps=warmup)
+
+
+def _describe_lr_auto(record: dict[str, Any]) -> str:
+    """The ``optim.lr=auto`` line: pending, or what the range test found."""
+    def fmt(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.4g}"
+    if record.get("source") == "pending":
+        return ("  lr auto: optim.lr=auto, the peak LR comes from an LR range test at run start "
+                "(until then: base 1, peak = the scaling rule's factor)")
+    return (f"  lr auto: peak {record['peak_lr']:.4g} from lr-find (steepest "
+            f"{fmt(record.get('steepest'))}, max_stable {fmt(record.get('max_stable'))}), "
+            f"warmup {record['warmup_steps']} steps ({record['warmup_from']})")
 
 
 def _mib(n: float) -> str:

@@ -105,6 +105,9 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
         if source is not None:
             checkpointer.load(trainer, source)  # rank 0 prints "resumed from SET at step N"
         watch_preemption(trainer)
+    if cfg.optim.lr == "auto":  # the range test picks the peak LR; a resumed run keeps its own
+        from largebatch.tune.lr_auto import resolve_lr
+        plan = resolve_lr(cfg, trainer, denv.is_main, source, quiet)
     return Run(cfg, denv, plan, engine, trainer, logger)
 
 

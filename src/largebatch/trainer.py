@@ -25,6 +25,7 @@ from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
 from largebatch.run_state import RunState, Timer, map_resharded_position
 from largebatch.tasks.base import Metric, Task
+from largebatch.tune.goodput import adapt_batch, build_adapter
 
 
 class Trainer:
@@ -57,8 +58,11 @@ class Trainer:
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
         # train.noise_scale (off: every call on it is a no-op, nothing joins the collective)
-        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale, plan.accum_steps,
-                                       engine.describe())
+        # batch.adapt=goodput (None: off) reads the noise scale, so it turns the estimate on.
+        self.adapter = build_adapter(cfg, plan, train_loader)
+        self.last_micro_batch: Optional[Batch] = None  # what the adapter's profile times
+        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale or self.adapter is not None,
+                                       plan.accum_steps, engine.describe())
         self._reduced_extra: list[float] = []
 
     # ---- one step ---------------------------------------------------------------------------
@@ -94,6 +98,8 @@ class Trainer:
                            y.to(self.engine.device, non_blocking=True)))
         t1 = time.perf_counter()
         self.timer.data_s += t1 - t0
+        if self.adapter is not None:
+            self.last_micro_batch = window[0]
         self.task.begin_window([y for _, y in window])
         # float64: the sum is later added across ranks and divided; keep the last bits.
         total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
@@ -297,7 +303,10 @@ class Trainer:
         self.fit_over = True  # signals no longer ask for a checkpoint (see watch_preemption)
 
     def _run_epoch(self, progress: Any) -> None:
-        s, plan = self.state, self.plan
+        s = self.state
+        if self.adapter is not None and s.consumed == 0 and s.step:
+            adapt_batch(self, position=0)
+        plan = self.plan
         self.train_loader.set_epoch(s.epoch)
         batches = iter(self.train_loader)
         self._epoch_micro = plan.micro_batches_per_epoch
@@ -321,6 +330,8 @@ class Trainer:
                 s.step += 1
                 s.samples += window * self.engine.world_size
                 s.last_loss, s.last_grad_norm = loss, grad_norm
+                if self.adapter is not None:
+                    self.adapter.observe(plan.micro_size, n_micro, time.perf_counter() - t0)
             if applied and (s.step % self.cfg.log.every_steps == 0 or s.diverged):
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
@@ -332,6 +343,10 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self._eval_due() and not s.diverged:
                 self._evaluate_and_decide()
+            if (self.adapter is not None and applied and self.adapter.due(s.step)
+                    and s.consumed < self._epoch_micro  # (an epoch's end decides next)
+                    and adapt_batch(self, position=rank_samples)):
+                batches, plan = self._recut_epoch(rank_samples)  # a new micro size
             s.stop_reason = self._should_stop()
             self._maybe_checkpoint()
         # Evaluation is excluded from the epoch's training time, as from time-to-target.
@@ -343,6 +358,19 @@ class Trainer:
         if s.consumed == self._epoch_micro:
             s.epoch += 1
             s.consumed = 0
+
+    def _recut_epoch(self, rank_samples: int) -> tuple[Iterator[Batch], BatchPlan]:
+        """The rest of the epoch in micro-batches of the (adapted) plan's micro size, from this
+        rank's ``rank_samples``-th sample (a whole number of them: ``adapt_batch`` chose so)."""
+        t0 = time.perf_counter()
+        plan, s = self.plan, self.state
+        s.consumed = rank_samples // plan.micro_size
+        self._epoch_micro = plan.micro_batches_per_epoch
+        batches = iter(self.train_loader)
+        for _ in range(s.consumed):  # as a resume at this position would
+            next(batches)
+        s.train_time_s += time.perf_counter() - t0
+        return batches, plan
 
     def fit(self) -> dict[str, Any]:
         """Train until epochs, max_steps, the time budget, divergence or the target."""
@@ -383,6 +411,8 @@ class Trainer:
                  "schedule": self.schedule.state_dict(), "engine": engine, "per_rank": per_rank}
         if self.noise.enabled:  # the estimate's EMAs, so a resumed run continues them
             state["noise_scale"] = self.noise.state_dict()
+        if self.adapter is not None:
+            state["adapt"] = self.adapter.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,6 +426,10 @@ class Trainer:
                                                self.plan, self.engine.is_main)
         self.schedule.load_state_dict(state["schedule"])
         self.noise.load_state_dict(state.get("noise_scale"))
+        if self.adapter is not None:
+            self.adapter.load_state_dict(state.get("adapt"))
+            if self.plan.micro_size != self.train_loader.batch_size:  # adapted before the save
+                self.train_loader.set_batch_size(self.plan.micro_size)
         self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),
                                      "per_rank_all": state.get("per_rank_all")})
         self.logger.drop_after(self.state.step)  # what a killed run logged past this set

@@ -71,6 +71,11 @@ class MemoryLoader:
         """Choose the permutation for ``epoch`` (same on all ranks)."""
         self.epoch = epoch
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Cut the next epoch's iterators in micro-batches of ``batch_size`` (the order of the
+        samples is the epoch's permutation either way)."""
+        self.batch_size = int(batch_size)
+
     def _indices(self) -> torch.Tensor:
         return shard_indices(len(self.labels), self.rank, self.world, self.seed, self.epoch,
                              self.shuffle, self.drop_last)

@@ -178,6 +178,13 @@ class LRSchedule:
         self.step_count += 1
         self._apply()
 
+    def set_peak_lr(self, peak_lr: float) -> None:
+        """Move the peak (``batch.adapt=goodput`` changed the batch; the plan's rule gives the
+        new peak): warmup and the main schedule follow it from this step on, plateau
+        reductions (``scale``) stay."""
+        self.peak_lr = float(peak_lr)
+        self._apply()
+
     # ---- plateau ------------------------------------------------------------------------------
     @property
     def plateau_active(self) -> bool:
@@ -220,12 +227,14 @@ class LRSchedule:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the schedule exactly."""
         return {"step_count": self.step_count, "scale": self.scale,
-                "plateau": self.plateau.state_dict()}
+                "plateau": self.plateau.state_dict(), "peak_lr": self.peak_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` and re-apply the LR."""
         self.step_count = int(state["step_count"])
         self.scale = float(state["scale"])
+        if "peak_lr" in state:  # absent before batch.adapt: the plan's peak, unchanged
+            self.peak_lr = float(state["peak_lr"])
         if "plateau" in state:  # absent in checkpoints of the warmup+constant foundation
             self.plateau.load_state_dict(state["plateau"])
         self._apply()

@@ -39,8 +39,9 @@ Suggestions (``suggest``), all read off the smoothed curve of the finite steps:
 
 The run is restored afterwards exactly (``snapshot`` / ``restore``): model, optimizer and
 grad-scaler state (the engine's own ``state_dict``, DeepSpeed's partitions included), the LR
-schedule, the run counters, the Python/NumPy/torch RNGs and the loader's epoch, so a training
-after the test starts from the original initialisation and sees the data it would have seen.
+schedule, the run counters, the noise-scale EMAs, the Python/NumPy/torch RNGs and the loader's
+epoch, so a training after the test starts from the original initialisation and sees the data
+it would have seen (``optim.lr: auto``, ``largebatch.tune.lr_auto``, relies on it).
 """
 from __future__ import annotations
 
@@ -201,7 +202,10 @@ def snapshot(trainer: Any) -> dict[str, Any]:
                                                        "_nonfinite")},
             "last_step_skipped": engine.last_step_skipped,
             "epoch": getattr(trainer.train_loader, "epoch", None),
-            "training": trainer.model.training, "rng": _rng_state()}
+            "training": trainer.model.training, "rng": _rng_state(),
+            # train.noise_scale: the ramp's steps update its EMAs too (absent on a bare trainer).
+            "noise": None if getattr(trainer, "noise", None) is None else
+            copy.deepcopy((trainer.noise.state_dict(), trainer.noise.metrics))}
 
 
 def restore(trainer: Any, snap: dict[str, Any]) -> None:
@@ -218,6 +222,9 @@ def restore(trainer: Any, snap: dict[str, Any]) -> None:
     if snap["epoch"] is not None:
         trainer.train_loader.set_epoch(snap["epoch"])
     trainer.model.train(snap["training"])
+    if snap["noise"] is not None:
+        trainer.noise.load_state_dict(copy.deepcopy(snap["noise"][0]))
+        trainer.noise.metrics = copy.deepcopy(snap["noise"][1])
     _set_rng_state(snap["rng"])
 
 

@@ -1,0 +1,296 @@
+"""``batch.adapt: goodput``: the global batch that maximises goodput, chosen during training.
+
+Goodput (Pollux, Qiao et al., OSDI 2021) is the training progress per second:
+
+    goodput(M) = throughput(M) x efficiency(M)
+
+* **Efficiency** from the live noise scale B (``largebatch.noise_scale``, B_simple) and the
+  empirical model of McCandlish et al. 2018: reaching a loss takes E(M) = E_min (1 + M / B)
+  samples at batch M, so a sample at batch M is worth E(M0) / E(M) = (B + M0) / (B + M) of a
+  sample at the initial batch M0 (the LR following ``optim.scale_rule``).
+* **Throughput** = M / T(m, a), with the optimizer step's time for micro size m and
+  accumulation a modelled as ``T = c * a * tau(m) + gamma``: ``tau(m) = alpha + beta * m`` is
+  one forward + backward, timed at a few micro sizes once (the first decision; weights,
+  gradients, optimizer state and RNG are restored afterwards, so training is unchanged);
+  ``c`` and ``gamma`` (what a step costs beyond its micro-batches: the update, the all-reduce's
+  tail) are fitted to this run's own step times by least squares over the recent steps. With
+  one accumulation seen so far, ``gamma`` is taken as 0 (no gain from accumulation is claimed).
+
+Candidates are ``M = m x a x world`` with m the configured micro size, or (``batch.
+adapt_max_micro``) sizes from it up to that limit in powers of two and the limit itself, and
+``a >= 1`` (``>= 2`` on one process, where the window's micro-batches are the noise scale's
+small batches), up to ``batch.max_global_size`` (default: the training set). The accumulation
+may change at any decision; a micro size only where the rank's position in the epoch is a
+whole number of its micro-batches (always at an epoch start): the loader re-cuts the rest of
+the epoch from that sample on, so no sample is skipped or repeated and a resume finds the
+same position. A change needs a predicted gain of ``MIN_GAIN``: noise in the
+step times must not make the batch flap. Every rank decides alike: the model's inputs are
+averaged over ranks (one small collective per decision, not per step).
+
+Why it is written here: AdaptDL (Pollux's code) needs its own trainer, scheduler and data
+loader, has no DeepSpeed path and is unmaintained; the model above is a page of code, and it
+reads the noise scale the trainer already measures.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from largebatch.config import ConfigError
+from largebatch.plan import BatchPlan
+
+#: The smallest predicted goodput gain that changes the batch (hysteresis against noise).
+MIN_GAIN = 0.05
+#: Applied noise-scale estimates before the first decision (the EMA needs a few steps).
+MIN_ESTIMATES = 10
+#: Recent step times the throughput fit uses.
+WINDOW = 64
+
+
+def efficiency(batch: float, noise_scale: float, initial_batch: float) -> float:
+    """Progress per sample at ``batch`` relative to ``initial_batch`` (McCandlish et al.)."""
+    return (noise_scale + initial_batch) / (noise_scale + batch)
+
+
+def micro_candidates(micro: int, max_micro: Optional[int]) -> list[int]:
+    """``micro``, its doublings below ``max_micro``, and ``max_micro`` itself."""
+    if max_micro is None or max_micro <= micro:
+        return [micro]
+    out, m = [], micro
+    while m < max_micro:
+        out.append(m)
+        m *= 2
+    return out + [max_micro]
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``; with one distinct x: ``(0, mean y / mean x)``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 1e-12 * max(1.0, mx * mx):
+        return 0.0, my / mx
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - b * mx, b
+
+
+def time_forward_backward(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
+                          y: torch.Tensor, sizes: Sequence[int], autocast: Callable,
+                          repeats: int = 2) -> list[float]:
+    """Seconds of one forward + backward at each micro size (the fastest of ``repeats`` after
+    one warm-up), on the real samples ``x, y`` tiled to size. Leaves gradients behind: call it
+    inside ``largebatch.tune.micro_batch.preserved``."""
+    out = []
+    for m in sizes:
+        idx = torch.arange(m, device=x.device) % len(x)
+        xm, ym = x[idx], y[idx]
+        best = math.inf
+        for rep in range(repeats + 1):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast():
+                loss = loss_fn(model, xm, ym)
+            loss.backward()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:  # the first pass warms allocator and kernels up
+                best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out
+
+
+class GoodputAdapter:
+    """Decides the batch; holds the throughput model (``state_dict`` for an exact resume).
+
+    Args:
+        plan: the run's initial plan (M0, the micro size, world, dataset, limits).
+        every_steps: optimizer steps between decisions.
+        max_micro: ``batch.adapt_max_micro`` (None: the micro size stays).
+        can_change_micro: whether the loader can re-cut its micro-batches.
+    """
+
+    def __init__(self, plan: BatchPlan, every_steps: int, max_micro: Optional[int],
+                 can_change_micro: bool) -> None:
+        self.initial_batch = plan.global_size
+        self.every_steps = every_steps
+        self.micros = micro_candidates(plan.micro_size, max_micro if can_change_micro else None)
+        self.max_global = plan.max_global_size or plan.dataset_size
+        self.min_accum = 2 if plan.world_size == 1 else 1
+        self.tau: Optional[tuple[float, float]] = None  # alpha, beta of tau(m)
+        self.profile: dict[int, float] = {}
+        self.steps: list[tuple[int, int, float]] = []  # (micro, accum, seconds), recent
+        self.last_decision_step = 0
+        self.decisions = 0
+
+    # ---- what the trainer feeds in -------------------------------------------------------
+    def observe(self, micro: int, n_micro: int, seconds: float) -> None:
+        """One applied optimizer step of ``n_micro`` micro-batches of ``micro`` samples."""
+        self.steps.append((micro, n_micro, float(seconds)))
+        del self.steps[:-WINDOW]
+
+    def due(self, step: int) -> bool:
+        """Whether a decision is due after ``step`` optimizer steps (same on every rank)."""
+        return step - self.last_decision_step >= self.every_steps
+
+    # ---- the model ------------------------------------------------------------------------
+    def tau_of(self, m: int) -> float:
+        """Modelled seconds of one forward + backward at micro size ``m``."""
+        assert self.tau is not None
+        alpha, beta = self.tau
+        return max(alpha + beta * m, 1e-9)
+
+    def step_model(self) -> tuple[float, float]:
+        """``(c, gamma)`` of ``T = c * a * tau(m) + gamma`` from the recent steps."""
+        xs = [a * self.tau_of(m) for m, a, _ in self.steps]
+        ys = [t for _, _, t in self.steps]
+        gamma, c = fit_line(xs, ys)
+        if c <= 0 or gamma < 0:  # noise made the fit unphysical: no per-step overhead
+            gamma, c = 0.0, sum(ys) / sum(xs)
+        return c, gamma
+
+    def goodput(self, micro: int, accum: int, world: int, noise_scale: float, c: float,
+                gamma: float) -> float:
+        """Samples per second at (micro, accum) weighted by their efficiency."""
+        batch = micro * accum * world
+        seconds = c * accum * self.tau_of(micro) + gamma
+        return batch / seconds * efficiency(batch, noise_scale, self.initial_batch)
+
+    def best(self, plan: BatchPlan, noise_scale: float, c: float, gamma: float,
+             micros: Sequence[int]) -> tuple[int, int, float]:
+        """The candidate with the highest goodput: ``(micro, accum, goodput)``."""
+        w = plan.world_size
+        top = (plan.micro_size, plan.accum_steps,
+               self.goodput(plan.micro_size, plan.accum_steps, w, noise_scale, c, gamma))
+        for m in micros:
+            for a in range(self.min_accum, max(self.min_accum, self.max_global // (m * w)) + 1):
+                if m * a * w > self.max_global:
+                    break
+                g = self.goodput(m, a, w, noise_scale, c, gamma)
+                if g > top[2]:
+                    top = (m, a, g)
+        return top
+
+    # ---- a decision -------------------------------------------------------------------------
+    def decide(self, plan: BatchPlan, step: int, noise_scale: Optional[float],
+               estimates: int, position: int, reduce_mean: Callable[[list[float]], list[float]],
+               profile: Callable[[list[int]], list[float]]) -> Optional[dict[str, Any]]:
+        """Choose the batch after ``step`` steps; None when it stays (or cannot be judged yet).
+
+        Every rank must call it at the same step (a collective). ``position`` is this rank's
+        samples into the epoch: a micro size is a candidate only if it divides it (the epoch
+        goes on in whole micro-batches of the new size; at an epoch start every size is).
+        ``profile(sizes)`` times a forward + backward at each size (the first decision only).
+
+        Returns:
+            ``{"micro_size", "accum_steps", "noise_scale", "gain", "c", "gamma"}``.
+        """
+        self.last_decision_step = step
+        ready = noise_scale is not None and noise_scale > 0 and estimates >= MIN_ESTIMATES
+        if not ready or not self.steps:
+            return None
+        sizes = sorted({self.micros[0], self.micros[len(self.micros) // 2], self.micros[-1]})
+        if self.tau is None:  # one profile per run (kept in the checkpoint)
+            seconds = reduce_mean(profile(sizes))
+            self.profile = dict(zip(sizes, seconds))
+            self.tau = fit_line(sizes, seconds)
+        c, gamma = self.step_model()
+        noise, c, gamma = reduce_mean([float(noise_scale), c, gamma])  # every rank alike
+        micros = [m for m in self.micros if position % m == 0]
+        micro, accum, best = self.best(plan, noise, c, gamma, micros)
+        now = self.goodput(plan.micro_size, plan.accum_steps, plan.world_size, noise, c, gamma)
+        if (micro, accum) == (plan.micro_size, plan.accum_steps) or best < now * (1 + MIN_GAIN):
+            return None
+        self.decisions += 1
+        return {"micro_size": micro, "accum_steps": accum, "noise_scale": noise,
+                "gain": best / now, "c": c, "gamma": gamma}
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The throughput model and the decision clock (plain numbers)."""
+        return {"tau": None if self.tau is None else list(self.tau),
+                "profile": {str(k): v for k, v in self.profile.items()},
+                "steps": [list(s) for s in self.steps],
+                "last_decision_step": self.last_decision_step, "decisions": self.decisions}
+
+    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        """Restore ``state_dict`` (None: a set from a run without the adapter; start afresh)."""
+        if state is None:
+            return
+        self.tau = None if state["tau"] is None else (float(state["tau"][0]),
+                                                      float(state["tau"][1]))
+        self.profile = {int(k): float(v) for k, v in state["profile"].items()}
+        self.steps = [(int(m), int(a), float(t)) for m, a, t in state["steps"]]
+        self.last_decision_step = int(state["last_decision_step"])
+        self.decisions = int(state["decisions"])
+
+
+# ---- the trainer's side ----------------------------------------------------------------------
+def build_adapter(cfg: Any, plan: BatchPlan, train_loader: Any) -> Optional[GoodputAdapter]:
+    """The run's adapter for ``batch.adapt=goodput`` (None when off)."""
+    b = cfg.batch
+    if b.adapt != "goodput":
+        return None
+    if plan.world_size == 1 and plan.accum_steps < 2:
+        raise ConfigError(f"batch.adapt=goodput on one process needs batch.accum_steps >= 2 "
+                          f"(the noise scale's small batches are the window's micro-batches); "
+                          f"got micro {plan.micro_size} x accum {plan.accum_steps}, e.g. "
+                          f"batch.micro_size={max(1, plan.global_size // 2)}")
+    return GoodputAdapter(plan, b.adapt_every_steps, b.adapt_max_micro,
+                          can_change_micro=hasattr(train_loader, "set_batch_size"))
+
+
+def profile_on(trainer: Any) -> Callable[[list[int]], list[float]]:
+    """``profile(sizes)`` on ``trainer``'s unwrapped model and last micro-batch, with weights,
+    gradients, optimizer state, train mode and RNG restored afterwards."""
+    from largebatch.tune.micro_batch import preserved
+
+    def profile(sizes: list[int]) -> list[float]:
+        x, y = trainer.last_micro_batch
+        model = trainer.engine.unwrapped()
+        with preserved(model, trainer.engine.optimizer):
+            model.train()
+            return time_forward_backward(model, trainer.task.loss, x, y, sizes,
+                                         trainer.engine.autocast)
+    return profile
+
+
+def adapt_batch(trainer: Any, position: int) -> bool:
+    """One decision at this rank's ``position`` (samples into the epoch); applies a change to
+    the trainer's plan, LR and loader, and records it. Returns whether the micro size changed
+    (the trainer then re-cuts the epoch's micro-batches from ``position`` on).
+
+    A collective when the trainer is distributed: every rank calls it at the same step.
+    """
+    adapter, s, plan = trainer.adapter, trainer.state, trainer.plan
+    t0 = time.perf_counter()
+    choice = adapter.decide(plan, s.step, trainer.noise.metrics.get("noise_scale"),
+                            trainer.noise.estimator.g2.count, position,
+                            lambda v: trainer.engine.reduce_scalars(v, op="mean")
+                            if trainer.engine.world_size > 1 else v, profile_on(trainer))
+    s.train_time_s += time.perf_counter() - t0  # the decision (and profile) is training time
+    if choice is None:
+        return False
+    new = plan.resized(choice["micro_size"], choice["accum_steps"])
+    trainer.plan = new
+    trainer.schedule.set_peak_lr(new.peak_lr)
+    if new.micro_size != plan.micro_size:
+        trainer.train_loader.set_batch_size(new.micro_size)
+    change = {"kind": "plan_change", "step": s.step, "samples": s.samples,
+              "time_s": s.train_time_s, "action": "adapt",
+              "global_size": new.global_size, "micro_size": new.micro_size,
+              "accum_steps": new.accum_steps, "lr": trainer.schedule.lr,
+              "noise_scale": choice["noise_scale"], "predicted_gain": choice["gain"]}
+    s.plan_changes.append(change)
+    trainer.logger.log(change)
+    if trainer.engine.is_main:
+        print(f"batch.adapt: step {s.step}: global batch {plan.global_size} -> "
+              f"{new.global_size} (micro {new.micro_size} x accum {new.accum_steps} x world "
+              f"{new.world_size}), peak LR {new.peak_lr:.4g}, noise scale "
+              f"{choice['noise_scale']:.1f}, predicted goodput x{choice['gain']:.2f}",
+              flush=True)
+    return new.micro_size != plan.micro_size

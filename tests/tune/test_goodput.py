@@ -1,0 +1,241 @@
+"""batch.adapt=goodput: the choice against closed forms, and in real runs (1 process, 2 gloo ranks).
+
+Real step times on this shared machine are noise, so the runs replace the two timing sources
+(the forward+backward profile and each step's seconds) by a known time model:
+``T(m, a) = a * tau(m) + GAMMA`` with ``tau(m) = ALPHA + BETA * m``. Everything else is real:
+the live noise scale from the real gradients, the plan changes, the loader, the LR, resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import largebatch.tune.goodput as goodput
+from largebatch.config import ConfigError, load_config
+from largebatch.plan import BatchPlan
+from largebatch.tune.goodput import GoodputAdapter, efficiency, fit_line
+from tests._launch import spawn
+from tests.conftest import CONFIGS, run_cli
+
+ALPHA, BETA, GAMMA = 0.002, 2e-5, 0.05
+SUBSET, MICRO, MAX_MICRO, LR = 3000, 30, 240, 0.05
+
+
+def true_seconds(m: int, a: int, slow: float = 1.0) -> float:
+    return slow * (a * (ALPHA + BETA * m) + GAMMA)
+
+
+# ---- the model against closed forms -------------------------------------------------------------
+def test_efficiency_is_the_empirical_models_sample_ratio() -> None:
+    # E(B) = E_min (1 + B / B_noise): samples at the initial batch over samples at batch B.
+    noise, m0 = 400.0, 60
+    for b in (60, 120, 600, 6000):
+        assert efficiency(b, noise, m0) == pytest.approx((1 + m0 / noise) / (1 + b / noise))
+    assert efficiency(m0, noise, m0) == 1.0
+
+
+def test_fit_line_recovers_an_exact_line_and_falls_back_with_one_x() -> None:
+    assert fit_line([1.0, 2.0, 5.0], [3.5, 5.5, 11.5]) == pytest.approx((1.5, 2.0))
+    assert fit_line([2.0, 2.0], [5.0, 7.0]) == (0.0, 3.0)
+
+
+def _plan(micro: int, accum: int, world: int, max_global: int = 10 ** 6) -> BatchPlan:
+    g = micro * accum * world
+    return BatchPlan(global_size=g, micro_size=micro, accum_steps=accum, world_size=world,
+                     dataset_size=10 ** 7, drop_last=False, base_lr=0.1, scale_rule="linear",
+                     base_batch=g, peak_lr=0.1, warmup_steps=0, max_global_size=max_global)
+
+
+@pytest.mark.parametrize("noise", [50.0, 800.0, 20000.0])
+def test_best_accumulation_is_the_closed_form_optimum(noise: float) -> None:
+    # Micro fixed: goodput(a) ~ a / ((p a + gamma)(B + q a)), p = c tau, q = m W; its maximum
+    # over real a is at a* = sqrt(gamma B / (p q)) (derivative: gamma B - p q a^2 = 0).
+    micro, world, gamma = 32, 4, 0.3
+    adapter = GoodputAdapter(_plan(micro, 1, world), 10, None, can_change_micro=False)
+    adapter.tau = (0.01, 0.001)
+    p, q = adapter.tau_of(micro), micro * world
+    a_star = math.sqrt(gamma * noise / (p * q))
+    m, a, _ = adapter.best(_plan(micro, 1, world), noise, 1.0, gamma, [micro])
+    assert m == micro and a in (max(1, math.floor(a_star)), math.ceil(a_star))
+    # ... and it is the better of the two integers around a*.
+    around = [k for k in {max(1, math.floor(a_star)), math.ceil(a_star)}]
+    value = {k: adapter.goodput(micro, k, world, noise, 1.0, gamma) for k in around}
+    assert a == max(value, key=value.get)
+
+
+def test_no_overhead_and_a_fixed_micro_keep_the_smallest_batch() -> None:
+    # gamma = 0: throughput does not depend on the accumulation, efficiency falls with it.
+    adapter = GoodputAdapter(_plan(16, 2, 1), 10, None, can_change_micro=False)
+    adapter.tau = (0.0, 0.001)
+    assert adapter.best(_plan(16, 2, 1), 100.0, 1.0, 0.0, [16])[:2] == (16, 2)
+
+
+# ---- real runs with a known time model -----------------------------------------------------------
+def _config(root: str, out: str, *extra: str):
+    return load_config(CONFIGS / "mnist" / "mlp.yaml", [
+        f"data.root={root}", "data.download=false", f"data.subset={SUBSET}",
+        "data.test_subset=500", "data.loader=memory", "batch.global_size=60",
+        f"batch.micro_size={MICRO}", "batch.adapt=goodput", "batch.adapt_every_steps=10",
+        f"batch.adapt_max_micro={MAX_MICRO}", "batch.max_global_size=960",
+        f"optim.lr={LR}", "optim.momentum=0.5", "optim.scale_rule=linear",
+        "train.epochs=3", "train.device=cpu", f"log.out_dir={out}", "log.progress=false",
+        "log.every_steps=1", *extra])
+
+
+def _fake_timing(monkeypatch: Any, run: Any, slow: float = 1.0, stop_at: int = 0) -> None:
+    monkeypatch.setattr(goodput, "time_forward_backward",
+                        lambda model, loss, x, y, sizes, autocast: [
+                            slow * (ALPHA + BETA * m) for m in sizes])
+    adapter, trainer = run.trainer.adapter, run.trainer
+    real = adapter.observe
+
+    def observe(micro: int, n_micro: int, seconds: float) -> None:
+        real(micro, n_micro, true_seconds(micro, n_micro, slow))
+        if stop_at and trainer.state.step == stop_at - 1:  # (agreed in the next step)
+            trainer.stop_requested = True  # as SIGUSR1 would: checkpoint this step, stop
+    adapter.observe = observe
+
+
+def _untimed(changes: list[dict]) -> list[dict]:
+    """The changes without their wall-clock field (each rank and run has its own)."""
+    return [{k: v for k, v in c.items() if k != "time_s"} for c in changes]
+
+
+def _train(cfg: Any, monkeypatch: Any, stop_at: int = 0) -> tuple[dict, dict]:
+    from largebatch.run import build_run, finish_run
+    run = build_run(cfg, quiet=True)
+    _fake_timing(monkeypatch, run, stop_at=stop_at)
+    summary = finish_run(run, run.trainer.fit(), quiet=True)
+    weights = {k: v.clone() for k, v in run.engine.unwrapped().state_dict().items()}
+    return summary, weights
+
+
+def _brute_force(noise: float, world: int, min_accum: int, position: int) -> tuple[int, int]:
+    """The argmax of goodput under the true time model over every candidate (micro sizes that
+    divide the rank's position in the epoch)."""
+    micros = [m for m in (30, 60, 120, MAX_MICRO) if position % m == 0]
+    best, arg = -1.0, None
+    for m in micros:
+        for a in range(min_accum, 960 // (m * world) + 1):
+            b = m * a * world
+            g = b / true_seconds(m, a) * (noise + 60) / (noise + b)
+            if g > best:
+                best, arg = g, (m, a)
+    return arg
+
+
+def test_adapts_micro_and_accumulation_to_the_goodput_optimum(mnist_root: Path, tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    out = tmp_path / "run"
+    summary, _ = _train(_config(str(mnist_root), str(out)), monkeypatch)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    changes = summary["plan_changes"]
+    assert changes and changes == [r for r in records if r["kind"] == "plan_change"]
+    assert {c["action"] for c in changes} == {"adapt"}
+    micro_before, moved_mid_epoch = MICRO, False
+    for i, c in enumerate(changes):
+        assert c["global_size"] == c["micro_size"] * c["accum_steps"] <= 960
+        assert c["accum_steps"] >= 2  # one process: the noise scale's small batches
+        assert c["lr"] == pytest.approx(LR * c["global_size"] / 60, rel=1e-12)  # linear rule
+        assert c["predicted_gain"] >= 1.05 and c["noise_scale"] > 0
+        position = c["samples"] % SUBSET  # this (only) rank's samples into the epoch
+        assert position % c["micro_size"] == 0, c  # the rest of the epoch in whole micro-batches
+        moved_mid_epoch |= position > 0 and c["micro_size"] != micro_before
+        micro_before = c["micro_size"]
+        if i:  # after the first change two accumulations are known: the fit is exact
+            assert (c["micro_size"], c["accum_steps"]) == _brute_force(
+                c["noise_scale"], 1, 2, position), c
+    # Every optimizer step trained on the batch in effect (cut at each epoch's end).
+    train = [r for r in records if r["kind"] == "train"]
+    size, left, by_step = 60, SUBSET, {c["step"]: c["global_size"] for c in changes}
+    for prev, r in zip([{"samples": 0}] + train, train):
+        expect = min(size, left)
+        assert r["samples"] - prev["samples"] == expect, r
+        assert r["lr"] == pytest.approx(LR * size / 60, rel=1e-12)
+        left = left - expect or SUBSET
+        size = by_step.get(r["step"], size)
+    assert summary["samples"] == 3 * SUBSET
+    assert moved_mid_epoch  # (this run re-cuts an epoch at least once)
+    assert summary["plan"]["global_size"] == 60  # the initial plan; the changes say the rest
+
+
+def test_resume_continues_the_adaptive_state_exactly(mnist_root: Path, tmp_path: Path,
+                                                     monkeypatch: Any) -> None:
+    straight, w_straight = _train(_config(str(mnist_root), str(tmp_path / "a")), monkeypatch)
+    stop = straight["plan_changes"][0]["step"] + 3  # after a change, mid-epoch
+    cfg = _config(str(mnist_root), str(tmp_path / "b"), "checkpoint.resume=auto")
+    first, _ = _train(cfg, monkeypatch, stop_at=stop)
+    assert first["stop_reason"] == "preempted" and first["steps"] == stop
+    resumed, w_resumed = _train(cfg, monkeypatch)
+    assert _untimed(resumed["plan_changes"]) == _untimed(straight["plan_changes"])
+    assert resumed["steps"] == straight["steps"]
+    for k in w_straight:
+        assert torch.equal(w_straight[k], w_resumed[k]), k
+
+
+def _two_ranks(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
+    import largebatch.engines.ddp as ddp
+    from largebatch.dist import DistEnv
+    from largebatch.run import build_run
+    calls = {"n": 0}
+    hook = ddp._squaring_allreduce_hook
+
+    def counting(state, bucket):  # (DDP refuses a hook whose bucket is annotated otherwise)
+        calls["n"] += 1
+        return hook(state, bucket)
+    ddp._squaring_allreduce_hook = counting
+    cfg = _config(root, out, "train.epochs=2")
+    run = build_run(cfg, DistEnv("torchrun", rank=rank, world_size=world), quiet=True)
+    patch = pytest.MonkeyPatch()
+    _fake_timing(patch, run, slow=1.0 + rank)  # the ranks disagree on every time they see
+    summary = run.trainer.fit()
+    patch.undo()
+    buckets = len(run.engine.model.reducer._get_zeros_like_grad_buckets())
+    return {"changes": run.trainer.state.plan_changes, "steps": summary["steps"],
+            "calls": calls["n"], "buckets": buckets, "samples": summary["samples"]}
+
+
+def test_two_ranks_agree_and_reduce_once_per_step(mnist_root: Path, tmp_path: Path) -> None:
+    got = spawn(_two_ranks, 2, str(mnist_root), str(tmp_path / "ddp"), timeout=240)
+    assert _untimed(got[0]["changes"]) == _untimed(got[1]["changes"]) and got[0]["changes"]
+    for r in got:
+        # one all-reduce per bucket per optimizer step, whatever the accumulation became
+        assert r["calls"] == r["steps"] * r["buckets"], r
+        assert r["samples"] == 2 * SUBSET
+    for c in got[0]["changes"]:
+        assert c["global_size"] == c["micro_size"] * c["accum_steps"] * 2
+        assert c["lr"] == pytest.approx(LR * c["global_size"] / 60, rel=1e-12)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["batch.micro_size=60"], "batch.accum_steps >= 2"),
+    (["batch.adapt_max_micro=10"], "batch.adapt_max_micro=10"),
+    (["batch.adapt_every_steps=0"], "batch.adapt_every_steps=0"),
+    (["schedule.name=plateau", "schedule.plateau.action=grow_batch"], "grow_batch"),
+    (["engine.name=deepspeed"], "deepspeed"),
+])
+def test_bad_input_is_one_line_exit_2(mnist_root: Path, tmp_path: Path, args: list[str],
+                                      words: str) -> None:
+    proc = run_cli("train", "configs/mnist/mlp.yaml", f"data.root={mnist_root}",
+                   "data.download=false", "data.subset=600", "batch.global_size=60",
+                   "batch.micro_size=30", "batch.adapt=goodput", f"log.out_dir={tmp_path}",
+                   *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_error_names_the_numbers_in_process() -> None:
+    with pytest.raises(ConfigError, match="batch.adapt_max_micro=10 is smaller than "
+                                          "batch.micro_size=30"):
+        load_config(CONFIGS / "mnist" / "mlp.yaml", ["batch.global_size=60",
+                                                     "batch.micro_size=30",
+                                                     "batch.adapt=goodput",
+                                                     "batch.adapt_max_micro=10"])
