@@ -296,5 +296,166 @@ def test_study_under_torchrun_two_ranks(tmp_path, mnist_root):
         assert (rows[b]["world_size"], rows[b]["micro_size"]) == ("2", str(b // 2))
         assert int(rows[b]["steps_per_epoch"]) == 6000 // b
         assert int(rows[b]["steps"]) == 2 * 6000 // b or rows[b]["reached_target"] == "True"
+        # Under DDP the ranks' windows are the small batches: no accumulation needed.
+        assert (rows[b]["accum_steps"], rows[b]["timing_accum_steps"]) == ("1", "1")
+        assert float(rows[b]["noise_scale_late"]) > 0
     assert proc.stdout.count("] seed bs ") == 1  # only rank 0 prints
     assert "torchrun --nproc_per_node=2" in (tmp_path / "study.md").read_text()
+
+
+# ---- gradient noise scale (study.noise_scale) ------------------------------------------------
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_noise_scale_column_figure_and_section(quick):
+    import matplotlib.image as mpimg
+    out, _, rows, js = quick
+    for r in rows:  # quick sizes 6/60/600: every one has a smaller batch to measure with
+        for key in ("noise_scale_early", "noise_scale_late", "noise_scale_final"):
+            assert math.isfinite(_f(r, key)) and _f(r, key) > 0, (r["batch_size"], key, r[key])
+        assert int(r["noise_points"]) > 0
+    img = mpimg.imread(out / "noise_scale.png")
+    assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
+    md = (out / "study.md").read_text()
+    assert "B_simple (early → late)" in md and "](noise_scale.png)" in md
+    assert "## Where batch sizes stop paying (gradient noise scale)" in md
+    # The section quotes the arm's B_simple: the late value of the largest batch that reached
+    # the target (else of the most accurate run).
+    reached = [r for r in js["rows"] if r["reached_target"]]
+    ref = (max(reached, key=lambda r: r["batch_size"]) if reached else
+           max(js["rows"], key=lambda r: (r["best_val_acc"], -r["batch_size"])))
+    assert (f"**{ref['noise_scale_late']:.3g}**, the late B_simple of bs {ref['batch_size']} "
+            in md) and js["stop_paying"]["verdict"] in md
+
+
+def test_noise_scale_is_read_from_the_runs_records(quick):
+    """The study's B_simple is the trainer's: the last noise_scale logged in metrics.jsonl (the
+    summary's final_noise_scale), and mean tr(Σ) / mean |G|² over the last half of the train
+    records."""
+    out, _, rows, _ = quick
+    curves = json.loads((out / "noise_curves.json").read_text())["seed"]
+    for r in rows:
+        run = out / "seed" / f"bs{r['batch_size']}"
+        train = [x for x in _records(run) if x["kind"] == "train"]
+        values = [np.nan if x.get("noise_scale") is None else x["noise_scale"] for x in train]
+        last = [v for v in values if np.isfinite(v)][-1]  # the EMA'd |G|² may end <= 0: None
+        assert float(r["noise_scale_final"]) == pytest.approx(last, rel=1e-12)
+        final = _summary(run)["final_noise_scale"]
+        assert (final is None and np.isnan(values[-1])) or final == pytest.approx(values[-1])
+        half = train[len(train) // 2:]
+        trace = np.array([x["grad_trace_cov"] for x in half], dtype=float)
+        g2 = np.array([x["grad_sq_norm"] for x in half], dtype=float)
+        assert float(r["noise_scale_late"]) == pytest.approx(trace.mean() / g2.mean(), rel=1e-9)
+        curve = curves[str(r["batch_size"])]
+        assert curve[-1]["step"] == train[-1]["step"] and len(curve) <= 200
+        assert curve[-1]["noise_scale"] == (None if np.isnan(values[-1]) else
+                                            pytest.approx(values[-1], rel=1e-12))
+
+
+def test_timing_passes_stay_micro_b_accum_1(quick):
+    """Claim A's timings: the timing passes run B x 1 without the estimate; only the
+    convergence runs split the batch (B/2 x 2) to measure B_simple."""
+    out, _, rows, js = quick
+    plans = {p["batch_size"]: p for p in js["meta"]["plans"]}
+    for r in rows:
+        b = int(r["batch_size"])
+        assert plans[b]["timing"] == {"micro_size": b, "accum_steps": 1, "world_size": 1,
+                                      "noise_scale": False, "loaders": ["torch", "memory"]}
+        assert plans[b]["train"]["micro_size"] == b // 2
+        assert plans[b]["train"]["accum_steps"] == 2 and plans[b]["train"]["noise_scale"]
+        assert (r["timing_micro_size"], r["timing_accum_steps"], r["accum_steps"]) == (
+            str(b), "1", "2")
+        run = out / "seed" / f"bs{b}"
+        for loader in ("torch", "memory"):  # the raw records: one micro-batch per update
+            (ep,) = [x for x in _records(run / f"timing_{loader}") if x["kind"] == "epoch"]
+            assert ep["micro_batches"] == ep["step"]
+            assert "final_noise_scale" not in _summary(run / f"timing_{loader}")
+        first = next(x for x in _records(run) if x["kind"] == "epoch")
+        assert first["micro_batches"] == 2 * first["step"]  # (bs 6 stops at the target)
+
+
+def test_noise_split_plans_and_batch_1_is_na(tmp_path):
+    from largebatch.study.measure import noise_columns
+    from largebatch.study.report import markdown_table
+    cfg = load_config(STUDY, ["study.batch_sizes=[1, 6, 15, 7]", SEED_ONLY,
+                              "data.download=false"])
+    runs, _ = prepare_runs(cfg, make_sweep(cfg, 1), STUDY.parent, [], tmp_path, 1)
+    got = {r.batch_size: (r.train_cfg.batch.micro_size, r.plan.accum_steps,
+                          r.train_cfg.train.noise_scale) for r in runs}
+    assert got == {1: (1, 1, False), 6: (3, 2, True), 15: (5, 3, True), 7: (1, 7, True)}
+    for r in runs:  # same global batch and updates per epoch as without the estimate
+        assert r.plan.global_size == r.batch_size
+        assert r.plan.steps_per_epoch == math.ceil(60000 / r.batch_size)
+        assert (r.timing_plan.micro_size, r.timing_plan.accum_steps) == (r.batch_size, 1)
+        assert not any(t.train.noise_scale for t in r.timing_cfgs.values())
+    off = load_config(STUDY, ["study.batch_sizes=[6]", SEED_ONLY, "study.noise_scale=false"])
+    (r6,), _ = prepare_runs(off, make_sweep(off, 1), STUDY.parent, [], tmp_path, 1)
+    assert (r6.plan.micro_size, r6.plan.accum_steps, r6.train_cfg.train.noise_scale) == (6, 1,
+                                                                                         False)
+    cols, curve = noise_columns([{"kind": "train", "step": 1, "loss": 1.0}], enabled=False)
+    assert math.isnan(cols["noise_scale_late"]) and curve == []
+    row = dict(_row(1), **cols, final_val_acc=0.1, final_lr=0.02)
+    assert markdown_table([row], ["memory"]).splitlines()[2].split(" | ")[-2] == "n/a"
+
+
+def test_noise_columns_against_numpy():
+    rng = np.random.default_rng(1)
+    g2, trace = rng.normal(1.0, 2.0, 1000), rng.uniform(10, 1000, 1000)
+    recs = [{"kind": "train", "step": i + 1, "samples": 6 * (i + 1), "epoch": i / 100,
+             "grad_sq_norm": float(g), "grad_trace_cov": float(t),
+             "noise_scale": float(t / g) if g > 0 else None}
+            for i, (g, t) in enumerate(zip(g2, trace))]
+    recs.insert(10, {"kind": "eval", "step": 10})
+    from largebatch.study.measure import noise_columns
+    cols, curve = noise_columns(recs, enabled=True)
+    assert cols["noise_scale_early"] == pytest.approx(trace[:100].mean() / g2[:100].mean())
+    assert cols["noise_scale_late"] == pytest.approx(trace[500:].mean() / g2[500:].mean())
+    last = np.flatnonzero(g2 > 0)[-1]
+    assert cols["noise_scale_final"] == pytest.approx(trace[last] / g2[last])
+    assert cols["noise_points"] == int((g2 > 0).sum())
+    assert len(curve) == 200 and curve[-1]["step"] == 1000
+
+
+def _noise_rows(late: float) -> list[dict]:
+    rows = [_row(b) for b in SIZES]
+    for r in rows:
+        r.update(noise_scale_early=late / 2, noise_scale_late=late if r["batch_size"] > 1 else
+                 math.nan)
+    return rows
+
+
+def test_stop_paying_against_the_closed_form():
+    rows = _noise_rows(200.0)  # B_simple 200: bs 1, 6, 60 below; 600, 6000 above
+    v = claims.stop_paying(rows, "seed")
+    below, above = v.parts
+    # bs 6 -> 60: 12000 -> 2000 updates = 6x for a 10x batch; model (1+200/6)/(1+200/60)/10
+    assert below[1] == claims.HOLDS
+    assert "12000 -> 2000 updates = 60% of the ideal fall (model 79%)" in below[2]
+    assert f"{(1 + 200 / 6) / (1 + 200 / 60) / 10:.0%}" == "79%"
+    # bs 60 -> 600: 2 -> 12 epochs (6x; model (1+3)/(1+0.3) = 3.1x); 6000: not reached in 20
+    # epochs (model (1+30)/(1+3) = 7.75x).
+    assert above[1] == claims.HOLDS and "2.00 -> 12.00 epochs" in above[2]
+    assert "(6.0x; model 3.1x)" in above[2]
+    assert "not reached in 20.00 (model 7.8x)" in above[2]
+    assert "**200**, the late B_simple of bs 600 (the largest batch that reached" in v.extra[0]
+    assert "below it: bs 1, 6, 60" in v.extra[0]
+    assert any(line.startswith("bs 1:") and "n/a" in line for line in v.extra)
+    assert v.verdict == claims.HOLDS
+    # B_simple 20000: every batch is below it; with bs 600 taking as many updates as bs 60
+    # (10% of the ideal fall, < 50%) the below-B_simple scaling fails, above is not tested.
+    rows = _noise_rows(20000.0)
+    rows[3].update(epochs_to_target=20.0, steps_to_target=2000)
+    v = claims.stop_paying(rows, "seed")
+    assert v.parts[0][1] == claims.FAILS and "2000 -> 2000 updates = 10%" in v.parts[0][2]
+    assert v.parts[1][1] == claims.UNTESTED and v.verdict == claims.FAILS
+    assert "updates stop falling ~1/B at bs 600" in " ".join(v.extra)
+    assert "6000" not in v.parts[0][2]  # 200 updates: too few to tell (a paying step: <= 400)
+    rows[4].update(steps=1000)  # 1000 updates without the target, where 400 would do
+    v = claims.stop_paying(rows, "seed")
+    assert ("bs 600 -> 6000: 2000 updates -> not reached in 1000 (a step paying 50% needs "
+            "<= 400)") in v.parts[0][2]
+    none = claims.stop_paying([_row(b) for b in SIZES], "seed")
+    assert none.verdict == claims.UNTESTED

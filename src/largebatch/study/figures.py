@@ -185,3 +185,39 @@ def plot_accuracy(path: Path, rows: list[dict], evals: dict, target: float) -> N
     axes[0][0].set_ylabel("test error = 1 - accuracy (log)")
     fig.suptitle("Test error against training time (each dot is one evaluation)", fontsize=11)
     _save(fig, path)
+
+
+def plot_noise_scale(path: Path, rows: list[dict], noise: dict) -> None:
+    """B_simple against samples seen, one panel per arm, one line per batch size.
+
+    Each batch size is also drawn as a dotted horizontal line in its line's colour: where a
+    run's B_simple lies above its own batch size, that batch is below the noise scale (it
+    scales almost perfectly); below it, the batch wastes samples.
+    """
+    plt = _pyplot()
+    arms = list(noise)
+    fig, axes = plt.subplots(1, max(1, len(arms)), figsize=(5.6 * max(1, len(arms)), 4.3),
+                             sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sizes = sorted({r["batch_size"] for r in rows if r.get("status") == "ran"})
+    for ax, arm in zip(axes[0], arms):
+        for i, b in enumerate(sizes):
+            color = colors[i % len(colors)]
+            pts = [p for p in noise[arm].get(str(b), []) if finite(p["noise_scale"])
+                   and p["noise_scale"] > 0 and p["samples"] > 0]
+            if pts:
+                ax.plot([p["samples"] for p in pts], [p["noise_scale"] for p in pts],
+                        color=color, linewidth=1.2, label=f"B_simple, run at bs {b}")
+            ax.axhline(b, color=color, linestyle=":", linewidth=1,
+                       label=f"batch size {b}" + ("" if pts else " (n/a)"))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_ticks(ax.yaxis)
+        ax.set_xlabel("training samples seen (log)")
+        ax.set_title(f"arm {arm}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("B_simple = tr(Σ) / |G|² (log)")
+    fig.suptitle("Gradient noise scale across training (dotted: the batch sizes of the sweep)",
+                 fontsize=11)
+    _save(fig, path)

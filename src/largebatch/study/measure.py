@@ -1,8 +1,8 @@
 """The study's measurements: a run's metrics.jsonl and summary turned into report-row fields.
 
 Pure functions of the records a run wrote (unit-testable without training): the timing
-passes extrapolated to an epoch, the loss oscillation, time / updates / epochs to the target
-and how the convergence run ended.
+passes extrapolated to an epoch, the loss oscillation, time / updates / epochs to the target,
+how the convergence run ended and its gradient noise scale B_simple across training.
 """
 from __future__ import annotations
 
@@ -106,6 +106,57 @@ def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
         "stop_reason": summary["stop_reason"], "outcome": outcome(summary, sweep),
     }
     return cols, losses, evals
+
+
+NOISE_CURVE_POINTS = 200  # B_simple samples kept per run for the figure (evenly by step)
+NOISE_EARLY = 0.1  # "early" B_simple: over the first 10% of the logged steps
+
+
+def pooled_noise_scale(records: list[dict[str, Any]]) -> float:
+    """mean(grad_trace_cov) / mean(grad_sq_norm) over ``records`` (NaN: no positive |G|²).
+
+    The numerator and denominator are averaged separately, as the EMAs themselves are: a
+    median or mean of per-step ratios is biased where |G|² is small and noisy (small batches:
+    at batch 6 about a quarter of the steps have an EMA'd |G|² <= 0, hence no ratio at all).
+    """
+    pairs = [(_num(r.get("grad_trace_cov")), _num(r.get("grad_sq_norm"))) for r in records]
+    pairs = [(t, g) for t, g in pairs if math.isfinite(t) and math.isfinite(g)]
+    if not pairs:
+        return math.nan
+    g2 = sum(g for _, g in pairs) / len(pairs)
+    return sum(t for t, _ in pairs) / len(pairs) / g2 if g2 > 0 else math.nan
+
+
+def noise_columns(records: list[dict[str, Any]], enabled: bool) -> tuple[dict, list[dict]]:
+    """B_simple of a convergence run from its train records (the trainer's EMA'd estimate).
+
+    Returns the row fields (early: ``pooled_noise_scale`` of the first ``NOISE_EARLY`` of the
+    train records, late: of their last half, final: the last noise_scale logged; NaN where the
+    run did not measure it) and the curve (the logged EMA'd noise_scale): at most
+    ``NOISE_CURVE_POINTS`` records, evenly spaced by index, the last one always included.
+    """
+    off = {"noise_scale_early": math.nan, "noise_scale_late": math.nan,
+           "noise_scale_final": math.nan, "noise_points": 0}
+    if not enabled:
+        return off, []
+    train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
+    values = [_num(r.get("noise_scale")) for r in train]
+    if not train:
+        return off, []
+    n = len(train)
+    early = train[:max(1, math.ceil(NOISE_EARLY * n))]
+    # The EMA'd |G|² can sit at or below 0 at a small batch (the estimate is then None): the
+    # final value is the last one logged, not necessarily the last step's.
+    logged = [v for v in values if math.isfinite(v)]
+    cols = {"noise_scale_early": pooled_noise_scale(early),
+            "noise_scale_late": pooled_noise_scale(train[n // 2:]),
+            "noise_scale_final": logged[-1] if logged else math.nan,
+            "noise_points": sum(1 for v in values if math.isfinite(v))}
+    stride = max(1, math.ceil(n / NOISE_CURVE_POINTS))
+    picks = sorted(set(range(n - 1, -1, -stride)))
+    curve = [{"step": train[i]["step"], "samples": train[i]["samples"],
+              "epoch": train[i]["epoch"], "noise_scale": values[i]} for i in picks]
+    return cols, curve
 
 
 def primary_timing(row: dict, loader: str, loaders: list[str]) -> dict:

@@ -14,12 +14,13 @@ from typing import Any, Iterable, Optional
 from largebatch.study._util import fmt as _fmt
 from largebatch.study._util import finite
 from largebatch.study.figures import (plot_accuracy, plot_epoch_time, plot_loss_first,
-                                      plot_time_to_target)
-from largebatch.study.verdicts import (DATA_DOMINATES, MANY_MORE_EPOCHS, TIME_TOL, Verdict,
-                                       reference_arm, verdicts)
+                                      plot_noise_scale, plot_time_to_target)
+from largebatch.study.verdicts import (DATA_DOMINATES, MANY_MORE_EPOCHS, PAYING, TIME_TOL,
+                                       Verdict, reference_arm, stop_paying, verdicts)
 
 BASE_COLUMNS = [
-    "arm", "batch_size", "status", "lr", "world_size", "micro_size", "steps_per_epoch",
+    "arm", "batch_size", "status", "lr", "world_size", "micro_size", "accum_steps",
+    "timing_micro_size", "timing_accum_steps", "steps_per_epoch",
     "epochs_run", "steps", "train_time_s", "wall_s",
     "epoch_time_s", "data_time_s", "compute_time_s", "timing_loader",
 ]
@@ -28,6 +29,7 @@ TAIL_COLUMNS = [
     "reached_target", "time_to_target_s", "steps_to_target", "epochs_to_target",
     "final_val_acc", "best_val_acc", "final_val_loss", "final_lr", "diverged", "diverged_step",
     "max_train_loss", "max_loss_step",
+    "noise_scale_early", "noise_scale_late", "noise_scale_final", "noise_points",
     "stop_reason", "outcome", "note",
 ]
 LOADER_FIELDS = ("epoch_time_s", "data_time_s", "compute_time_s", "timed_fraction")
@@ -79,12 +81,21 @@ def _timing_cell(r: dict, loader: str) -> str:
     return f"{e:.3g} = {d:.2g} + {c:.3g}"
 
 
+def _noise_cell(r: dict) -> str:
+    """B_simple early -> late; 'n/a' where the run had no smaller batch to measure it with."""
+    early, late = r.get("noise_scale_early"), r.get("noise_scale_late")
+    if not finite(late):
+        return "n/a"
+    return f"{_fmt(early, '.3g')} → {late:.3g}"
+
+
 def markdown_table(rows: list[dict], loaders: list[str]) -> str:
     """The results table of study.md (the CSV has every column)."""
     head = (["arm", "batch", "lr", "epochs run"]
             + [f"epoch s, {ld} (data + compute)" for ld in loaders]
             + ["loss osc", "target", "time to target s", "updates to target",
-               "epochs to target", "final acc", "final lr", "outcome"])
+               "epochs to target", "final acc", "final lr", "B_simple (early → late)",
+               "outcome"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ran":
@@ -97,9 +108,24 @@ def markdown_table(rows: list[dict], loaders: list[str]) -> str:
                      + [_fmt(r["loss_osc_1000"], ".3g"), _fmt(r["reached_target"]),
                         _fmt(r["time_to_target_s"], ".3g"), _fmt(r["steps_to_target"], "d"),
                         _fmt(r["epochs_to_target"], ".2f"), _fmt(r["final_val_acc"], ".4f"),
-                        _fmt(r.get("final_lr"), ".3g"), r["outcome"]])
+                        _fmt(r.get("final_lr"), ".3g"), _noise_cell(r), r["outcome"]])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _noise_setup_line(meta: dict, rows: list[dict]) -> str:
+    if not meta["sweep"].get("noise_scale"):
+        return "- Gradient noise scale: off (study.noise_scale=false)."
+    how = ("each rank's window is the small batch (micro B/world x accum 1)"
+           if meta["world_size"] > 1 else "one process: batch B >= 2 runs as micro B/p x accum "
+           "p (p the smallest prime factor of B: B/2 x 2 when even), the window's micro-batches "
+           "being the small batches; batch 1 has none (n/a)")
+    return ("- Gradient noise scale B_simple = tr(Σ)/|G|² (`train.noise_scale`, EMA'd, logged "
+            f"every update) in the convergence runs: {how}. Same global batch, LR and updates; "
+            "the timing passes run micro B x accum 1 without it, so Claim A is unaffected, but "
+            "the convergence runs' times (Claim C) include the measurement. Early / late: "
+            "mean tr(Σ) / mean |G|² of the EMAs over the first 10% / the last half of the "
+            "updates (the figure: the EMA'd B_simple itself).")
 
 
 def _setup_lines(meta: dict, rows: list[dict]) -> list[str]:
@@ -125,6 +151,7 @@ def _setup_lines(meta: dict, rows: list[dict]) -> list[str]:
         "linearly to a whole epoch (`*_timed_fraction` in the CSV says how much was measured). "
         "`run_epoch_time_s` is the convergence run's own full-epoch time (with per-step logging "
         "and the progress bar), as a cross-check.",
+        _noise_setup_line(meta, rows),
         f"- Loss oscillation (Claim B): mean |loss(t+1) - loss(t)| over the first "
         f"{sw['loss_iters']} iterations (or all there are), the batch-mean training loss"
         + (" of rank 0" if meta["world_size"] > 1 else "") + ".",
@@ -136,7 +163,20 @@ def _setup_lines(meta: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], meta: dict, judged: list[Verdict], loaders: list[str]) -> str:
+def _stop_paying_lines(v: Verdict, arm: Optional[str]) -> list[str]:
+    out = ["## Where batch sizes stop paying (gradient noise scale)", "",
+           "![B_simple across training](noise_scale.png)", "",
+           f"### Arm `{arm}`: **{v.verdict}**", "", f"> {v.statement}", ""]
+    out += [f"- {part}: **{verdict}** — {why}" for part, verdict, why in v.parts]
+    out += [f"- {line}" for line in v.extra]
+    out += ["", f"A step between two batch sizes \"pays\" when the updates to the target fall "
+            f"by >= {PAYING:.0%} of the ideal factor (B2/B1); \"more epochs\" means > "
+            f"{TIME_TOL:.0%} more.", ""]
+    return out
+
+
+def markdown(rows: list[dict], meta: dict, judged: list[Verdict], loaders: list[str],
+             paying: Optional[Verdict] = None) -> str:
     """study.md: set-up, table, figures, and each claim with its verdict and reasons."""
     out = ["# MNIST batch-size study", ""] + _setup_lines(meta, rows)
     out += ["", "## Results", "", markdown_table(rows, loaders), "",
@@ -153,7 +193,9 @@ def markdown(rows: list[dict], meta: dict, judged: list[Verdict], loaders: list[
         out.append("")
     out += [f"Thresholds: timings within {TIME_TOL:.0%} count as not rising; loading "
             f"\"dominates\" at >= {DATA_DOMINATES:.0%} of the epoch; \"many more epochs\" is >= "
-            f"{MANY_MORE_EPOCHS:g}x the fastest batch size's epochs to target."]
+            f"{MANY_MORE_EPOCHS:g}x the fastest batch size's epochs to target.", ""]
+    if paying is not None:
+        out += _stop_paying_lines(paying, reference_arm(rows))
     notes = list(meta.get("notes", [])) + sorted({r["note"] for r in rows
                                                   if r.get("status") != "ran" and r.get("note")})
     if notes:
@@ -162,8 +204,12 @@ def markdown(rows: list[dict], meta: dict, judged: list[Verdict], loaders: list[
 
 
 def write_report(out_dir: Path, rows: list[dict], curves: dict, evals: dict,
-                 meta: dict) -> dict[str, Path]:
-    """Write study.csv/json, loss_curves.json, eval_curves.json, the PNGs and study.md."""
+                 meta: dict, noise: Optional[dict] = None) -> dict[str, Path]:
+    """Write study.csv/json, loss/eval/noise curves (JSON), the PNGs and study.md.
+
+    ``noise``: {arm: {batch size: [{step, samples, epoch, noise_scale}, ...]}} (B_simple
+    across each convergence run); None or empty: no noise figure or section.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaders = list(meta["sweep"]["loaders"])
@@ -175,18 +221,28 @@ def write_report(out_dir: Path, rows: list[dict], curves: dict, evals: dict,
         ("loss_curves", "loss_curves.json"), ("eval_curves", "eval_curves.json"),
         ("epoch_time", "epoch_time.png"), ("loss_first", "loss_first_1000.png"),
         ("time_to_target", "time_to_target.png"), ("accuracy", "accuracy.png")]}
+    ref = reference_arm(rows)
+    noise = {a: c for a, c in (noise or {}).items() if any(c.values())}  # arms that measured
+    paying = stop_paying(rows, ref) if noise and ref is not None else None
     write_csv(paths["csv"], rows, cols)
     write_json(paths["json"], {"meta": meta, "columns": cols,
                                "rows": [{c: r.get(c) for c in cols} for r in rows],
                                "verdicts": [{"claim": v.claim, "verdict": v.verdict,
-                                             "parts": v.parts} for v in judged]})
+                                             "parts": v.parts} for v in judged],
+                               "stop_paying": None if paying is None else {
+                                   "verdict": paying.verdict, "parts": paying.parts,
+                                   "lines": paying.extra}})
     write_json(paths["loss_curves"], curves, indent=None)  # thousands of numbers: compact
     write_json(paths["eval_curves"], evals, indent=None)
-    ref = reference_arm(rows)
+    if noise:
+        paths["noise_curves"] = out_dir / "noise_curves.json"
+        paths["noise_scale"] = out_dir / "noise_scale.png"
+        write_json(paths["noise_curves"], noise, indent=None)
+        plot_noise_scale(paths["noise_scale"], rows, noise)
     if ref is not None:
         plot_epoch_time(paths["epoch_time"], rows, ref, loaders)
         plot_loss_first(paths["loss_first"], rows, curves, ref)
     plot_time_to_target(paths["time_to_target"], rows, target)
     plot_accuracy(paths["accuracy"], rows, evals, target)
-    paths["md"].write_text(markdown(rows, meta, judged, loaders))
+    paths["md"].write_text(markdown(rows, meta, judged, loaders, paying))
     return paths

@@ -12,6 +12,14 @@ trainer a user runs), two kinds of runs:
   progress bar or per-step logging, extrapolated to a whole epoch. Training every batch size
   to the target with both loaders would double the cost for the same convergence numbers.
 
+With ``study.noise_scale`` (default on) the convergence runs also measure the gradient noise
+scale B_simple (``train.noise_scale``). Its small batches are the ranks' windows under DDP; on
+one process they are the micro-batches of an accumulation window, so there a batch B >= 2 runs
+as micro B/p x accum p, p the smallest prime factor of B (B/2 x 2 for an even B; the global
+batch, the LR and the updates are unchanged, only the measurement's cost and two half-size
+forward passes are added to the run's time). Batch 1 has no smaller batch: not measured. The
+timing passes always run micro B/world x accum 1 without the estimate (Claim A's numbers).
+
 Config precedence for one run: defaults < study config < arm config file < arm overrides <
 command-line overrides < the sweep's own keys (batch size, epochs, budget, target, eval
 cadence, output directory). Every run's config is built and its batch plan checked before
@@ -34,8 +42,8 @@ import torch
 from largebatch.config import ArmConfig, Config, ConfigError, load_config, to_dict
 from largebatch.dist import DistEnv, detect_launch
 from largebatch.plan import BatchPlan
-from largebatch.study.measure import (convergence_columns, primary_timing, read_metrics,
-                                      skipped_row, timing_columns)
+from largebatch.study.measure import (convergence_columns, noise_columns, primary_timing,
+                                      read_metrics, skipped_row, timing_columns)
 
 # Timing passes: enough samples that the first (slow) step is noise, capped at one epoch.
 TIMING_SAMPLES = 6000
@@ -68,6 +76,7 @@ class Sweep:
     loaders: list[str]
     loss_iters: int
     quick: bool
+    noise_scale: bool = False
     timing_samples: int = TIMING_SAMPLES
 
 
@@ -80,6 +89,7 @@ class RunSpec:
     train_cfg: Config
     plan: BatchPlan
     timing_cfgs: dict[str, Config] = field(default_factory=dict)
+    timing_plan: Optional[BatchPlan] = None  # the timing passes' plan (accum 1); None: ``plan``
 
 
 def make_sweep(cfg: Config, world_size: int) -> Sweep:
@@ -120,7 +130,7 @@ def make_sweep(cfg: Config, world_size: int) -> Sweep:
     return Sweep(batch_sizes=sizes, skipped=skipped, max_epochs=max_epochs, budget_s=budget,
                  target_acc=target, eval_every_samples=every, subset=subset,
                  test_subset=test_subset, loaders=loaders, loss_iters=st.loss_iters,
-                 quick=st.quick,
+                 quick=st.quick, noise_scale=st.noise_scale,
                  timing_samples=QUICK_TIMING_SAMPLES if st.quick else TIMING_SAMPLES)
 
 
@@ -168,10 +178,36 @@ def _common(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: 
     return m
 
 
+def smallest_factor(n: int) -> int:
+    """The smallest prime factor of ``n`` >= 2 (``n`` itself when prime)."""
+    return next((p for p in range(2, math.isqrt(n) + 1) if n % p == 0), n)
+
+
+def noise_split(batch_size: int, world_size: int) -> Optional[tuple[int, int]]:
+    """``(micro, accum)`` of a convergence run that measures B_simple; None: not measurable.
+
+    Under DDP the ranks' windows are the small batches: micro B/world, accum 1. On one process
+    the window's micro-batches are: the fewest micro-batches that divide B, micro B/p x accum p
+    (p the smallest prime factor; 2 for an even B, so the small batch is as large as it can be
+    and the estimate's two batch sizes are only 2x apart at most). Batch 1 cannot be split.
+    """
+    if world_size > 1:
+        return batch_size // world_size, 1
+    if batch_size < 2:
+        return None
+    p = smallest_factor(batch_size)
+    return batch_size // p, p
+
+
 def train_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int,
                  out: Path) -> Config:
     """The convergence run: epoch and time caps, the target, per-step loss logging."""
     m = _common(mapping, sweep, batch_size, world_size, out)
+    split = noise_split(batch_size, world_size) if sweep.noise_scale else None
+    _set(m, "train.noise_scale", split is not None)
+    if split is not None:
+        _set(m, "batch.micro_size", split[0])
+        _set(m, "batch.accum_steps", split[1])
     _set(m, "train.epochs", sweep.max_epochs)
     _set(m, "train.time_budget_s", sweep.budget_s)
     _set(m, "train.target_acc", sweep.target_acc)
@@ -194,6 +230,7 @@ def timing_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int,
     _set(m, "train.target_acc", 0.0)
     _set(m, "train.stop_at_target", False)
     _set(m, "train.eval_every_samples", 0)
+    _set(m, "train.noise_scale", False)  # Claim A times the plain step: micro B x accum 1
     # Per-step JSON lines and a progress bar would be neither data nor compute time.
     _set(m, "log.every_steps", 10 ** 9)
     _set(m, "log.progress", False)
@@ -231,6 +268,7 @@ def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: lis
             for loader in sweep.loaders:
                 spec.timing_cfgs[loader] = timing_config(
                     mapping, sweep, b, world_size, run_dir / f"timing_{loader}", loader, steps)
+            spec.timing_plan = plan_for(next(iter(spec.timing_cfgs.values())), world_size)
             runs.append(spec)
     return runs, notes
 
@@ -238,22 +276,42 @@ def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: lis
 # ---- running ---------------------------------------------------------------------------------
 
 
-def run_one(spec: RunSpec, sweep: Sweep, denv: DistEnv) -> Optional[tuple[dict, list, list]]:
-    """Timing passes then the convergence run of one (arm, batch size); rank 0 gets the row."""
+def run_one(spec: RunSpec, sweep: Sweep,
+            denv: DistEnv) -> Optional[tuple[dict, list, list, list]]:
+    """Timing passes then the convergence run of one (arm, batch size); rank 0 gets the row,
+    the loss curve, the eval curve and the B_simple curve."""
     from largebatch.run import train
     timing: dict[str, Any] = {}
+    tplan = spec.timing_plan or spec.plan
     for loader, tcfg in spec.timing_cfgs.items():
         train(tcfg, denv=denv, quiet=True)
         if denv.is_main:
-            timing.update(timing_columns(read_metrics(tcfg.log.out_dir), spec.plan, loader))
+            timing.update(timing_columns(read_metrics(tcfg.log.out_dir), tplan, loader))
     summary = train(spec.train_cfg, denv=denv, quiet=True)
     if not denv.is_main:
         return None
-    cols, losses, evals = convergence_columns(summary, read_metrics(spec.train_cfg.log.out_dir),
-                                              spec, sweep)
-    row = {**cols, **timing}
+    records = read_metrics(spec.train_cfg.log.out_dir)
+    cols, losses, evals = convergence_columns(summary, records, spec, sweep)
+    noise_cols, noise_curve = noise_columns(records, spec.train_cfg.train.noise_scale)
+    row = {**cols, **noise_cols, **timing, "accum_steps": spec.plan.accum_steps,
+           "timing_micro_size": tplan.micro_size, "timing_accum_steps": tplan.accum_steps}
     row.update(primary_timing(row, spec.train_cfg.data.loader, sweep.loaders))
-    return row, losses, evals
+    return row, losses, evals, noise_curve
+
+
+def plan_record(spec: RunSpec) -> dict[str, Any]:
+    """What each run of one (arm, batch size) ran as: the convergence run and the timing
+    passes (micro x accum x world), recorded in study.json."""
+    tplan = spec.timing_plan or spec.plan
+    return {"arm": spec.arm, "batch_size": spec.batch_size,
+            "train": {"micro_size": spec.plan.micro_size, "accum_steps": spec.plan.accum_steps,
+                      "world_size": spec.plan.world_size,
+                      "noise_scale": spec.train_cfg.train.noise_scale},
+            "timing": {"micro_size": tplan.micro_size, "accum_steps": tplan.accum_steps,
+                       "world_size": tplan.world_size,
+                       "noise_scale": any(c.train.noise_scale
+                                          for c in spec.timing_cfgs.values()),
+                       "loaders": list(spec.timing_cfgs)}}
 
 
 def progress_line(index: int, total: int, row: dict, loaders: list[str]) -> str:
@@ -263,7 +321,14 @@ def progress_line(index: int, total: int, row: dict, loaders: list[str]) -> str:
                        for ld in loaders)
     return (f"[{index}/{total}] {row['arm']} bs {row['batch_size']}: {row['outcome']}; "
             f"val_acc {row['final_val_acc']:.4f}; loss osc {row['loss_osc_1000']:.4f}; "
-            f"{timing}; wall {row['wall_s']:.1f}s")
+            f"{timing}; B_simple {_noise_text(row)}; wall {row['wall_s']:.1f}s")
+
+
+def _noise_text(row: dict) -> str:
+    early, late = row.get("noise_scale_early"), row.get("noise_scale_late")
+    if late is None or not math.isfinite(late):
+        return "n/a"
+    return f"{early:.3g} -> {late:.3g}"
 
 
 def command_line(config_path: Optional[str], overrides: list[str], world_size: int) -> str:
@@ -315,15 +380,16 @@ def run_study(cfg: Config, config_path: Optional[str] = None,
     say(f"study: {len(specs)} runs ({', '.join(dict.fromkeys(s.arm for s in specs))} x batch "
         f"sizes {[b for b in sweep.batch_sizes if b not in sweep.skipped]}), world size "
         f"{denv.world_size}, output {out_dir}")
-    rows, curves, evals = [], {}, {}
+    rows, curves, evals, noise = [], {}, {}, {}
     for i, spec in enumerate(specs, 1):
         result = run_one(spec, sweep, denv)
         if result is None:
             continue
-        row, losses, ev = result
+        row, losses, ev, ns = result
         rows.append(row)
         curves.setdefault(spec.arm, {})[str(spec.batch_size)] = losses
         evals.setdefault(spec.arm, {})[str(spec.batch_size)] = ev
+        noise.setdefault(spec.arm, {})[str(spec.batch_size)] = ns
         say(progress_line(i, len(specs), row, sweep.loaders))
     if not denv.is_main:
         return []
@@ -335,9 +401,10 @@ def run_study(cfg: Config, config_path: Optional[str] = None,
             "wall_s": time.perf_counter() - start, "world_size": denv.world_size,
             "sweep": dict(sweep.__dict__),
             "timing": {"samples": sweep.timing_samples, "min_steps": TIMING_MIN_STEPS},
+            "plans": [plan_record(s) for s in specs],
             "notes": notes, "environment": environment(),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     from largebatch.study.report import write_report
-    paths = write_report(out_dir, rows, curves, evals, meta)
+    paths = write_report(out_dir, rows, curves, evals, meta, noise)
     say(f"study: done in {meta['wall_s']:.0f} s; report {paths['md']}")
     return rows
