@@ -166,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{'YES' if beats else 'NO'}")
     if args.figure:
         figure(rows, args.target, Path(args.figure))
-    write_json(args.json, {"args": vars(args), "rows": rows, "beats_every_fixed": beats})
+    shown_args = {k: v for k, v in vars(args).items() if k not in ("data_root", "out_dir")}
+    write_json(args.json, {"args": shown_args, "rows": rows, "beats_every_fixed": beats})
     return 0
 
 

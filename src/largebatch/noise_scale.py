@@ -102,6 +102,7 @@ class NoiseScaleEstimator:
     def __init__(self, decay: float = EMA_DECAY) -> None:
         self.g2 = BiasCorrectedEMA(decay)
         self.trace = BiasCorrectedEMA(decay)
+        self.last_raw: Optional[tuple[float, float]] = None
 
     def update(self, b_small: float, b_big: float, sq_small: float,
                sq_big: float) -> dict[str, Optional[float]]:
@@ -110,6 +111,7 @@ class NoiseScaleEstimator:
         The noise scale is None while the |G|² average is not positive (early, very noisy).
         """
         g2, trace = two_batch_estimates(b_small, b_big, sq_small, sq_big)
+        self.last_raw = (g2, trace)  # this step's own (unsmoothed) estimates
         g2, trace = self.g2.update(g2), self.trace.update(trace)
         ratio = trace / g2 if g2 > 0 else None
         return {"noise_scale": ratio, "grad_sq_norm": g2, "grad_trace_cov": trace,
@@ -194,6 +196,8 @@ class NoiseScaleMonitor:
         self.enabled = enabled
         self.estimator = NoiseScaleEstimator(decay)
         self.metrics: dict[str, Optional[float]] = {}
+        #: the last applied step's own (|G|², tr(Σ)) estimates; None when it gave none
+        self.raw: Optional[tuple[float, float]] = None
         self._micro = MicroGradProbe(engine.parameters()) if self.kind == "micro" else None
         self._null = contextlib.nullcontext()
         if not enabled or not engine.is_main:
@@ -236,6 +240,7 @@ class NoiseScaleMonitor:
                sq_big: Optional[float]) -> None:
         """Add the step: ``reduced`` = ``local_values`` summed over ranks. Call only for an
         applied step; a step without a small batch or with a non-finite figure is skipped."""
+        self.raw = None
         if not self.kind or sq_big is None or not reduced:
             return
         mean_sq, mean_inv = reduced[0] / world_size, reduced[1] / world_size
@@ -248,6 +253,7 @@ class NoiseScaleMonitor:
         if b_big <= b_small * (1 + 1e-9):
             return
         self.metrics = self.estimator.update(b_small, b_big, mean_sq, sq_big)
+        self.raw = self.estimator.last_raw
 
     def summary(self) -> dict[str, Optional[float]]:
         """``final_<metric>`` for summary.json (empty when off)."""

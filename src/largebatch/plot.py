@@ -177,14 +177,15 @@ def eval_metric_names(runs: list[Run]) -> list[str]:
 def batch_series(run: Run) -> Series:
     """Global batch size in effect at each applied logged step.
 
-    From ``plan.json`` and the ``grow_batch`` plan changes (a change logged at step s holds
+    From ``plan.json`` and the plan changes that set a batch (``grow_batch`` on a plateau,
+    ``adapt`` of ``batch.adapt=goodput``; a change logged at step s holds
     from step s + 1); without a plan, the samples each step added (mean over unlogged steps).
     """
     train = [r for r in run.of_kind("train") if r.get("applied", True)]
     steps = [float(r["step"]) for r in train]
     if run.plan is not None and "global_size" in run.plan:
         grows = sorted((c["step"], c["global_size"]) for c in run.of_kind("plan_change")
-                       if c.get("action") == "grow_batch")
+                       if c.get("action") in ("grow_batch", "adapt"))
         sizes = []
         for r in train:
             size = run.plan["global_size"]
@@ -280,7 +281,7 @@ def _file_safe(name: str) -> str:
 
 
 # ---- drawing ----------------------------------------------------------------------------------
-LINE_STYLES = {"grow_batch": "--", "reduce_lr": ":", "skip": (0, (1, 3))}
+LINE_STYLES = {"grow_batch": "--", "adapt": "-.", "reduce_lr": ":", "skip": (0, (1, 3))}
 
 
 def pyplot() -> Any:

@@ -305,7 +305,7 @@ class Trainer:
     def _run_epoch(self, progress: Any) -> None:
         s = self.state
         if self.adapter is not None and s.consumed == 0 and s.step:
-            adapt_batch(self, position=0)
+            adapt_batch(self, position=0, epoch_start=True)
         plan = self.plan
         self.train_loader.set_epoch(s.epoch)
         batches = iter(self.train_loader)
@@ -317,6 +317,9 @@ class Trainer:
         epoch_start = time.perf_counter()
         while s.consumed < self._epoch_micro and not s.stop_reason:
             n_micro = min(self.plan.accum_steps, self._epoch_micro - s.consumed)
+            if self.adapter is not None:  # a micro size change may need an aligned window
+                n_micro = self.adapter.window_micro_batches(n_micro, rank_samples,
+                                                            plan.micro_size)
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
             lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
@@ -331,7 +334,8 @@ class Trainer:
                 s.samples += window * self.engine.world_size
                 s.last_loss, s.last_grad_norm = loss, grad_norm
                 if self.adapter is not None:
-                    self.adapter.observe(plan.micro_size, n_micro, time.perf_counter() - t0)
+                    self.adapter.observe(plan.micro_size, n_micro, time.perf_counter() - t0,
+                                         self.noise.raw)
             if applied and (s.step % self.cfg.log.every_steps == 0 or s.diverged):
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
@@ -343,7 +347,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self._eval_due() and not s.diverged:
                 self._evaluate_and_decide()
-            if (self.adapter is not None and applied and self.adapter.due(s.step)
+            if (self.adapter is not None and applied
                     and s.consumed < self._epoch_micro  # (an epoch's end decides next)
                     and adapt_batch(self, position=rank_samples)):
                 batches, plan = self._recut_epoch(rank_samples)  # a new micro size

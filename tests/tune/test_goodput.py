@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import largebatch.tune.goodput as goodput
+from largebatch import plot
 from largebatch.config import ConfigError, load_config
 from largebatch.plan import BatchPlan
 from largebatch.tune.goodput import GoodputAdapter, efficiency, fit_line
@@ -57,7 +58,7 @@ def test_best_accumulation_is_the_closed_form_optimum(noise: float) -> None:
     # over real a is at a* = sqrt(gamma B / (p q)) (derivative: gamma B - p q a^2 = 0).
     micro, world, gamma = 32, 4, 0.3
     adapter = GoodputAdapter(_plan(micro, 1, world), 10, None, can_change_micro=False)
-    adapter.tau = (0.01, 0.001)
+    adapter.profile = {micro: 0.01 + 0.001 * micro}
     p, q = adapter.tau_of(micro), micro * world
     a_star = math.sqrt(gamma * noise / (p * q))
     m, a, _ = adapter.best(_plan(micro, 1, world), noise, 1.0, gamma, [micro])
@@ -71,7 +72,7 @@ def test_best_accumulation_is_the_closed_form_optimum(noise: float) -> None:
 def test_no_overhead_and_a_fixed_micro_keep_the_smallest_batch() -> None:
     # gamma = 0: throughput does not depend on the accumulation, efficiency falls with it.
     adapter = GoodputAdapter(_plan(16, 2, 1), 10, None, can_change_micro=False)
-    adapter.tau = (0.0, 0.001)
+    adapter.profile = {16: 0.016}
     assert adapter.best(_plan(16, 2, 1), 100.0, 1.0, 0.0, [16])[:2] == (16, 2)
 
 
@@ -94,8 +95,8 @@ def _fake_timing(monkeypatch: Any, run: Any, slow: float = 1.0, stop_at: int = 0
     adapter, trainer = run.trainer.adapter, run.trainer
     real = adapter.observe
 
-    def observe(micro: int, n_micro: int, seconds: float) -> None:
-        real(micro, n_micro, true_seconds(micro, n_micro, slow))
+    def observe(micro: int, n_micro: int, seconds: float, raw: Any = None) -> None:
+        real(micro, n_micro, true_seconds(micro, n_micro, slow), raw)
         if stop_at and trainer.state.step == stop_at - 1:  # (agreed in the next step)
             trainer.stop_requested = True  # as SIGUSR1 would: checkpoint this step, stop
     adapter.observe = observe
@@ -115,10 +116,9 @@ def _train(cfg: Any, monkeypatch: Any, stop_at: int = 0) -> tuple[dict, dict]:
     return summary, weights
 
 
-def _brute_force(noise: float, world: int, min_accum: int, position: int) -> tuple[int, int]:
-    """The argmax of goodput under the true time model over every candidate (micro sizes that
-    divide the rank's position in the epoch)."""
-    micros = [m for m in (30, 60, 120, MAX_MICRO) if position % m == 0]
+def _brute_force(noise: float, world: int, min_accum: int) -> tuple[int, int]:
+    """The argmax of goodput under the true time model over every candidate."""
+    micros = [30, 60, 120, MAX_MICRO]
     best, arg = -1.0, None
     for m in micros:
         for a in range(min_accum, 960 // (m * world) + 1):
@@ -138,36 +138,60 @@ def test_adapts_micro_and_accumulation_to_the_goodput_optimum(mnist_root: Path, 
     assert changes and changes == [r for r in records if r["kind"] == "plan_change"]
     assert {c["action"] for c in changes} == {"adapt"}
     micro_before, moved_mid_epoch = MICRO, False
+    assert [c for c in changes if c["reason"] == "decision"]
     for i, c in enumerate(changes):
         assert c["global_size"] == c["micro_size"] * c["accum_steps"] <= 960
         assert c["accum_steps"] >= 2  # one process: the noise scale's small batches
         assert c["lr"] == pytest.approx(LR * c["global_size"] / 60, rel=1e-12)  # linear rule
-        assert c["predicted_gain"] >= 1.05 and c["noise_scale"] > 0
         position = c["samples"] % SUBSET  # this (only) rank's samples into the epoch
         assert position % c["micro_size"] == 0, c  # the rest of the epoch in whole micro-batches
         moved_mid_epoch |= position > 0 and c["micro_size"] != micro_before
+        if c["reason"] == "pending_micro":  # the micro size of the decision one step before
+            prev = changes[i - 1]
+            assert prev["reason"] == "decision" and c["step"] == prev["step"] + 1, (prev, c)
+            assert c["global_size"] == prev["global_size"] and c["micro_size"] != micro_before
+        else:
+            assert c["predicted_gain"] >= 1.05 and c["noise_scale"] > 0
+        if c["reason"] == "decision" and i:  # two accumulations known: the fit is exact
+            micro, accum = _brute_force(c["noise_scale"], 1, 2)
+            assert c["global_size"] == micro * accum, (c, micro, accum)
+            if micro != c["micro_size"]:  # it did not divide the position: it follows
+                assert position % micro and changes[i + 1]["micro_size"] == micro, c
         micro_before = c["micro_size"]
-        if i:  # after the first change two accumulations are known: the fit is exact
-            assert (c["micro_size"], c["accum_steps"]) == _brute_force(
-                c["noise_scale"], 1, 2, position), c
-    # Every optimizer step trained on the batch in effect (cut at each epoch's end).
+    # Every optimizer step trained on the batch in effect, but where an epoch's end cut the
+    # window short, or a window was shortened to reach a position the next micro size divides.
     train = [r for r in records if r["kind"] == "train"]
     size, left, by_step = 60, SUBSET, {c["step"]: c["global_size"] for c in changes}
+    aligned = {c["step"]: c["micro_size"] for c in changes if c["reason"] == "pending_micro"}
     for prev, r in zip([{"samples": 0}] + train, train):
-        expect = min(size, left)
-        assert r["samples"] - prev["samples"] == expect, r
+        added = r["samples"] - prev["samples"]
+        if r["step"] in aligned and added < min(size, left):
+            assert (r["samples"] % SUBSET) % aligned[r["step"]] == 0, r
+        else:
+            assert added == min(size, left), r
         assert r["lr"] == pytest.approx(LR * size / 60, rel=1e-12)
-        left = left - expect or SUBSET
+        left = left - added or SUBSET
         size = by_step.get(r["step"], size)
     assert summary["samples"] == 3 * SUBSET
     assert moved_mid_epoch  # (this run re-cuts an epoch at least once)
+    # `largebatch plot` draws the adapted batch: the samples each step added, but where an
+    # epoch's end cut the window short.
+    steps, sizes = plot.batch_series(plot.load_run(out, "run"))
+    added = [b["samples"] - a["samples"] for a, b in zip([{"samples": 0}] + train, train)]
+    assert steps == [float(r["step"]) for r in train]
+    assert all(a == z or r["samples"] % SUBSET == 0 or r["step"] in aligned
+               for a, z, r in zip(added, sizes, train))
+    assert plot.plan_marks(plot.load_run(out, "run"))["run adapt"] == [c["step"] for c in changes]
     assert summary["plan"]["global_size"] == 60  # the initial plan; the changes say the rest
 
 
 def test_resume_continues_the_adaptive_state_exactly(mnist_root: Path, tmp_path: Path,
                                                      monkeypatch: Any) -> None:
     straight, w_straight = _train(_config(str(mnist_root), str(tmp_path / "a")), monkeypatch)
-    stop = straight["plan_changes"][0]["step"] + 3  # after a change, mid-epoch
+    # Stop right after a decision whose micro size is still pending (the hardest state).
+    pending = [c for c in straight["plan_changes"] if c["reason"] == "pending_micro"]
+    assert pending
+    stop = pending[0]["step"] - 1
     cfg = _config(str(mnist_root), str(tmp_path / "b"), "checkpoint.resume=auto")
     first, _ = _train(cfg, monkeypatch, stop_at=stop)
     assert first["stop_reason"] == "preempted" and first["steps"] == stop

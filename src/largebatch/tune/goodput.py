@@ -7,11 +7,16 @@ Goodput (Pollux, Qiao et al., OSDI 2021) is the training progress per second:
 * **Efficiency** from the live noise scale B (``largebatch.noise_scale``, B_simple) and the
   empirical model of McCandlish et al. 2018: reaching a loss takes E(M) = E_min (1 + M / B)
   samples at batch M, so a sample at batch M is worth E(M0) / E(M) = (B + M0) / (B + M) of a
-  sample at the initial batch M0 (the LR following ``optim.scale_rule``).
+  sample at the initial batch M0 (the LR following ``optim.scale_rule``). B is read from the
+  trainer's per-step two-batch estimates as sum tr(Σ) / sum |G|² since the last decision (the
+  earlier intervals carried at half weight, ``noise_scale``): on one process at a large micro
+  size the two batches are only 2x apart and a single step's tr(Σ) is mostly noise.
 * **Throughput** = M / T(m, a), with the optimizer step's time for micro size m and
-  accumulation a modelled as ``T = c * a * tau(m) + gamma``: ``tau(m) = alpha + beta * m`` is
-  one forward + backward, timed at a few micro sizes once (the first decision; weights,
-  gradients, optimizer state and RNG are restored afterwards, so training is unchanged);
+  accumulation a modelled as ``T = c * a * tau(m) + gamma``: ``tau(m)`` is one forward +
+  backward, timed once at every candidate micro size (the first decision; weights, gradients,
+  optimizer state and RNG are restored afterwards, so training is unchanged). Measured, not
+  fitted: on a CPU the time per sample is not monotone in m (caches; seed_cnn on 2 cores:
+  0.23 ms at 30, 0.12 ms at 240, 0.18 ms at 960), so a line through them would mislead;
   ``c`` and ``gamma`` (what a step costs beyond its micro-batches: the update, the all-reduce's
   tail) are fitted to this run's own step times by least squares over the recent steps. With
   one accumulation seen so far, ``gamma`` is taken as 0 (no gain from accumulation is claimed).
@@ -45,10 +50,12 @@ from largebatch.plan import BatchPlan
 
 #: The smallest predicted goodput gain that changes the batch (hysteresis against noise).
 MIN_GAIN = 0.05
-#: Applied noise-scale estimates before the first decision (the EMA needs a few steps).
+#: Per-step noise-scale estimates (weighted count) a decision needs.
 MIN_ESTIMATES = 10
 #: Recent step times the throughput fit uses.
 WINDOW = 64
+#: Weight of the earlier intervals' noise-scale sums at each decision (the last one counts 1).
+CARRY = 0.5
 
 
 def efficiency(batch: float, noise_scale: float, initial_batch: float) -> float:
@@ -80,7 +87,7 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 def time_forward_backward(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
                           y: torch.Tensor, sizes: Sequence[int], autocast: Callable,
-                          repeats: int = 2) -> list[float]:
+                          repeats: int = 4) -> list[float]:
     """Seconds of one forward + backward at each micro size (the fastest of ``repeats`` after
     one warm-up), on the real samples ``x, y`` tiled to size. Leaves gradients behind: call it
     inside ``largebatch.tune.micro_batch.preserved``."""
@@ -121,17 +128,36 @@ class GoodputAdapter:
         self.micros = micro_candidates(plan.micro_size, max_micro if can_change_micro else None)
         self.max_global = plan.max_global_size or plan.dataset_size
         self.min_accum = 2 if plan.world_size == 1 else 1
-        self.tau: Optional[tuple[float, float]] = None  # alpha, beta of tau(m)
-        self.profile: dict[int, float] = {}
+        self.profile: dict[int, float] = {}  # micro size -> seconds of forward + backward
         self.steps: list[tuple[int, int, float]] = []  # (micro, accum, seconds), recent
         self.last_decision_step = 0
         self.decisions = 0
+        #: a chosen micro size waiting for a position it divides: (micro, accum)
+        self.pending: Optional[tuple[int, int]] = None
+        self.sums = [0.0, 0.0, 0.0]  # |G|² and tr(Σ) per-step estimates, their (weighted) count
 
     # ---- what the trainer feeds in -------------------------------------------------------
-    def observe(self, micro: int, n_micro: int, seconds: float) -> None:
-        """One applied optimizer step of ``n_micro`` micro-batches of ``micro`` samples."""
+    def observe(self, micro: int, n_micro: int, seconds: float,
+                raw: Optional[tuple[float, float]] = None) -> None:
+        """One applied optimizer step of ``n_micro`` micro-batches of ``micro`` samples, and
+        its own noise-scale estimates ``raw = (|G|², tr(Σ))`` (None: it gave none)."""
         self.steps.append((micro, n_micro, float(seconds)))
         del self.steps[:-WINDOW]
+        if raw is not None and all(math.isfinite(v) for v in raw):
+            self.sums[0] += raw[0]
+            self.sums[1] += raw[1]
+            self.sums[2] += 1.0
+
+    def noise_scale(self) -> Optional[float]:
+        """B_simple for a decision: the sum of the per-step tr(Σ) estimates over the sum of the
+        |G|² ones since the last decision, the earlier intervals' sums carried with weight
+        ``CARRY`` (a ratio of sums: the per-step ratios are far too noisy; the monitor's EMA
+        remembers ~20 steps, this the interval and some of the ones before). None while there
+        are fewer than ``MIN_ESTIMATES`` or the |G|² sum is not positive."""
+        g2, trace, n = self.sums
+        if n < MIN_ESTIMATES or g2 <= 0 or trace <= 0:
+            return None
+        return trace / g2
 
     def due(self, step: int) -> bool:
         """Whether a decision is due after ``step`` optimizer steps (same on every rank)."""
@@ -139,10 +165,12 @@ class GoodputAdapter:
 
     # ---- the model ------------------------------------------------------------------------
     def tau_of(self, m: int) -> float:
-        """Modelled seconds of one forward + backward at micro size ``m``."""
-        assert self.tau is not None
-        alpha, beta = self.tau
-        return max(alpha + beta * m, 1e-9)
+        """Seconds of one forward + backward at micro size ``m``: the profile's, or (a size it
+        does not hold) the nearest profiled size's time per sample times ``m``."""
+        if m in self.profile:
+            return self.profile[m]
+        near = min(self.profile, key=lambda k: abs(k - m))
+        return self.profile[near] * m / near
 
     def step_model(self) -> tuple[float, float]:
         """``(c, gamma)`` of ``T = c * a * tau(m) + gamma`` from the recent steps."""
@@ -176,57 +204,81 @@ class GoodputAdapter:
         return top
 
     # ---- a decision -------------------------------------------------------------------------
-    def decide(self, plan: BatchPlan, step: int, noise_scale: Optional[float],
-               estimates: int, position: int, reduce_mean: Callable[[list[float]], list[float]],
+    def decide(self, plan: BatchPlan, step: int, position: int,
+               reduce_mean: Callable[[list[float]], list[float]],
                profile: Callable[[list[int]], list[float]]) -> Optional[dict[str, Any]]:
         """Choose the batch after ``step`` steps; None when it stays (or cannot be judged yet).
 
         Every rank must call it at the same step (a collective). ``position`` is this rank's
-        samples into the epoch: a micro size is a candidate only if it divides it (the epoch
-        goes on in whole micro-batches of the new size; at an epoch start every size is).
-        ``profile(sizes)`` times a forward + backward at each size (the first decision only).
+        samples into the epoch: the epoch goes on in whole micro-batches, so a micro size that
+        does not divide it is not taken now; its global batch is, through the current micro
+        size, and the micro size follows (``pending``) after the next step, shortened if need
+        be (``window_micro_batches``) to end where the new size divides the position. ``profile(sizes)`` times a forward + backward at each size (the
+        first decision only).
 
         Returns:
-            ``{"micro_size", "accum_steps", "noise_scale", "gain", "c", "gamma"}``.
+            ``{"micro_size", "accum_steps", "noise_scale", "gain", "c", "gamma"}``: what to
+            run from the next step on.
         """
         self.last_decision_step = step
-        ready = noise_scale is not None and noise_scale > 0 and estimates >= MIN_ESTIMATES
-        if not ready or not self.steps:
+        noise_scale = self.noise_scale()
+        if noise_scale is None or not self.steps:
             return None
-        sizes = sorted({self.micros[0], self.micros[len(self.micros) // 2], self.micros[-1]})
-        if self.tau is None:  # one profile per run (kept in the checkpoint)
-            seconds = reduce_mean(profile(sizes))
-            self.profile = dict(zip(sizes, seconds))
-            self.tau = fit_line(sizes, seconds)
+        self.sums = [CARRY * v for v in self.sums]
+        if not self.profile:  # one profile per run (kept in the checkpoint)
+            seconds = reduce_mean(profile(self.micros))
+            self.profile = {m: max(float(t), 1e-9) for m, t in zip(self.micros, seconds)}
         c, gamma = self.step_model()
         noise, c, gamma = reduce_mean([float(noise_scale), c, gamma])  # every rank alike
-        micros = [m for m in self.micros if position % m == 0]
-        micro, accum, best = self.best(plan, noise, c, gamma, micros)
+        micro, accum, best = self.best(plan, noise, c, gamma, self.micros)
+        if position % micro and micro % plan.micro_size:  # neither now nor after aligning
+            micro, accum, best = self.best(plan, noise, c, gamma,
+                                           [m for m in self.micros if position % m == 0])
         now = self.goodput(plan.micro_size, plan.accum_steps, plan.world_size, noise, c, gamma)
+        self.pending = None
         if (micro, accum) == (plan.micro_size, plan.accum_steps) or best < now * (1 + MIN_GAIN):
             return None
+        if position % micro:  # the global batch now; the micro size when the position allows
+            self.pending = (micro, accum)
+            micro, accum = plan.micro_size, micro * accum // plan.micro_size
         self.decisions += 1
+        if (micro, accum) == (plan.micro_size, plan.accum_steps):
+            return None  # only the micro size changes, later
         return {"micro_size": micro, "accum_steps": accum, "noise_scale": noise,
                 "gain": best / now, "c": c, "gamma": gamma}
+
+    def window_micro_batches(self, n_micro: int, position: int, micro: int) -> int:
+        """The next window's micro-batches: ``n_micro``, or fewer so that it ends where the
+        pending micro size divides the position (one short step, like an epoch's last)."""
+        if self.pending is None:
+            return n_micro
+        return max(1, min(n_micro, (-position % self.pending[0]) // micro))
+
+    def pending_at(self, position: int) -> Optional[tuple[int, int]]:
+        """The pending ``(micro, accum)`` when this rank's ``position`` allows it, else None."""
+        if self.pending is not None and position % self.pending[0] == 0:
+            return self.pending
+        return None
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The throughput model and the decision clock (plain numbers)."""
-        return {"tau": None if self.tau is None else list(self.tau),
-                "profile": {str(k): v for k, v in self.profile.items()},
+        return {"profile": {str(k): v for k, v in self.profile.items()}, "sums": list(self.sums),
                 "steps": [list(s) for s in self.steps],
-                "last_decision_step": self.last_decision_step, "decisions": self.decisions}
+                "last_decision_step": self.last_decision_step, "decisions": self.decisions,
+                "pending": None if self.pending is None else list(self.pending)}
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
         """Restore ``state_dict`` (None: a set from a run without the adapter; start afresh)."""
         if state is None:
             return
-        self.tau = None if state["tau"] is None else (float(state["tau"][0]),
-                                                      float(state["tau"][1]))
         self.profile = {int(k): float(v) for k, v in state["profile"].items()}
+        self.sums = [float(v) for v in state["sums"]]
         self.steps = [(int(m), int(a), float(t)) for m, a, t in state["steps"]]
         self.last_decision_step = int(state["last_decision_step"])
         self.decisions = int(state["decisions"])
+        pending = state.get("pending")
+        self.pending = None if pending is None else (int(pending[0]), int(pending[1]))
 
 
 # ---- the trainer's side ----------------------------------------------------------------------
@@ -259,38 +311,52 @@ def profile_on(trainer: Any) -> Callable[[list[int]], list[float]]:
     return profile
 
 
-def adapt_batch(trainer: Any, position: int) -> bool:
-    """One decision at this rank's ``position`` (samples into the epoch); applies a change to
-    the trainer's plan, LR and loader, and records it. Returns whether the micro size changed
-    (the trainer then re-cuts the epoch's micro-batches from ``position`` on).
+def adapt_batch(trainer: Any, position: int, epoch_start: bool = False) -> bool:
+    """After an applied step (or at an epoch start) at this rank's ``position`` (samples into
+    the epoch): a pending micro size whose time has come, and a decision when one is due
+    (always at an epoch start). Returns whether the micro size changed (the trainer then
+    re-cuts the epoch's micro-batches from ``position`` on).
 
-    A collective when the trainer is distributed: every rank calls it at the same step.
+    Every rank calls it after every applied step: what it does depends only on the step and
+    the position, identical on all ranks, so its collective (a decision's) stays matched.
     """
-    adapter, s, plan = trainer.adapter, trainer.state, trainer.plan
-    t0 = time.perf_counter()
-    choice = adapter.decide(plan, s.step, trainer.noise.metrics.get("noise_scale"),
-                            trainer.noise.estimator.g2.count, position,
-                            lambda v: trainer.engine.reduce_scalars(v, op="mean")
-                            if trainer.engine.world_size > 1 else v, profile_on(trainer))
-    s.train_time_s += time.perf_counter() - t0  # the decision (and profile) is training time
-    if choice is None:
-        return False
-    new = plan.resized(choice["micro_size"], choice["accum_steps"])
+    adapter, s = trainer.adapter, trainer.state
+    before = trainer.plan.micro_size
+    ready = adapter.pending_at(position)
+    if ready is not None:  # the same global batch, in the micro-batches chosen for it
+        adapter.pending = None
+        _apply(trainer, ready[0], ready[1], {"reason": "pending_micro"})
+    if epoch_start or adapter.due(s.step):
+        t0 = time.perf_counter()
+        choice = adapter.decide(trainer.plan, s.step, position,
+                                lambda v: trainer.engine.reduce_scalars(v, op="mean")
+                                if trainer.engine.world_size > 1 else v, profile_on(trainer))
+        s.train_time_s += time.perf_counter() - t0  # the decision (and profile) is training
+        if choice is not None:
+            _apply(trainer, choice["micro_size"], choice["accum_steps"],
+                   {"reason": "decision", "noise_scale": choice["noise_scale"],
+                    "predicted_gain": choice["gain"]})
+    return trainer.plan.micro_size != before
+
+
+def _apply(trainer: Any, micro: int, accum: int, why: dict[str, Any]) -> None:
+    """Run (micro, accum) from the next step: plan, LR by the rule, loader; record it."""
+    s, plan = trainer.state, trainer.plan
+    new = plan.resized(micro, accum)
     trainer.plan = new
     trainer.schedule.set_peak_lr(new.peak_lr)
     if new.micro_size != plan.micro_size:
         trainer.train_loader.set_batch_size(new.micro_size)
     change = {"kind": "plan_change", "step": s.step, "samples": s.samples,
-              "time_s": s.train_time_s, "action": "adapt",
+              "time_s": s.train_time_s, "action": "adapt", **why,
               "global_size": new.global_size, "micro_size": new.micro_size,
-              "accum_steps": new.accum_steps, "lr": trainer.schedule.lr,
-              "noise_scale": choice["noise_scale"], "predicted_gain": choice["gain"]}
+              "accum_steps": new.accum_steps, "lr": trainer.schedule.lr}
     s.plan_changes.append(change)
     trainer.logger.log(change)
     if trainer.engine.is_main:
+        extra = (f", noise scale {why['noise_scale']:.1f}, predicted goodput "
+                 f"x{why['predicted_gain']:.2f}" if "noise_scale" in why else
+                 " (the micro size chosen before)")
         print(f"batch.adapt: step {s.step}: global batch {plan.global_size} -> "
               f"{new.global_size} (micro {new.micro_size} x accum {new.accum_steps} x world "
-              f"{new.world_size}), peak LR {new.peak_lr:.4g}, noise scale "
-              f"{choice['noise_scale']:.1f}, predicted goodput x{choice['gain']:.2f}",
-              flush=True)
-    return new.micro_size != plan.micro_size
+              f"{new.world_size}), peak LR {new.peak_lr:.4g}{extra}", flush=True)
