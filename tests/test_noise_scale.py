@@ -25,7 +25,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 import torch
 from torch import nn
 

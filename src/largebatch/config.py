@@ -169,6 +169,8 @@ def _check_adapt(cfg: Config) -> None:
     if cfg.engine.name == "deepspeed":  # its batch fields are fixed when its engine is built
         raise ConfigError("batch.adapt=goodput is not supported with engine.name=deepspeed "
                           "(its batch is fixed at init and the noise scale is unavailable)")
+    if cfg.data.drop_last:  # a re-cut epoch would count its dropped tail in the new batch
+        raise ConfigError("batch.adapt=goodput is not supported with data.drop_last=true")
     if cfg.schedule.name == "plateau" and cfg.schedule.plateau.action == "grow_batch":
         raise ConfigError("batch.adapt=goodput and schedule.plateau.action=grow_batch both "
                           "change the batch; use one")

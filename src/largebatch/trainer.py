@@ -25,7 +25,7 @@ from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
 from largebatch.run_state import RunState, Timer, map_resharded_position
 from largebatch.tasks.base import Metric, Task
-from largebatch.tune.goodput import adapt_batch, build_adapter
+from largebatch.tune.goodput import adapt_batch, build_adapter, recut_epoch
 
 
 class Trainer:
@@ -350,7 +350,7 @@ class Trainer:
             if (self.adapter is not None and applied
                     and s.consumed < self._epoch_micro  # (an epoch's end decides next)
                     and adapt_batch(self, position=rank_samples)):
-                batches, plan = self._recut_epoch(rank_samples)  # a new micro size
+                batches, plan = recut_epoch(self, rank_samples)  # a new micro size
             s.stop_reason = self._should_stop()
             self._maybe_checkpoint()
         # Evaluation is excluded from the epoch's training time, as from time-to-target.
@@ -362,19 +362,6 @@ class Trainer:
         if s.consumed == self._epoch_micro:
             s.epoch += 1
             s.consumed = 0
-
-    def _recut_epoch(self, rank_samples: int) -> tuple[Iterator[Batch], BatchPlan]:
-        """The rest of the epoch in micro-batches of the (adapted) plan's micro size, from this
-        rank's ``rank_samples``-th sample (a whole number of them: ``adapt_batch`` chose so)."""
-        t0 = time.perf_counter()
-        plan, s = self.plan, self.state
-        s.consumed = rank_samples // plan.micro_size
-        self._epoch_micro = plan.micro_batches_per_epoch
-        batches = iter(self.train_loader)
-        for _ in range(s.consumed):  # as a resume at this position would
-            next(batches)
-        s.train_time_s += time.perf_counter() - t0
-        return batches, plan
 
     def fit(self) -> dict[str, Any]:
         """Train until epochs, max_steps, the time budget, divergence or the target."""

@@ -243,6 +243,7 @@ def test_two_ranks_agree_and_reduce_once_per_step(mnist_root: Path, tmp_path: Pa
     (["batch.adapt_every_steps=0"], "batch.adapt_every_steps=0"),
     (["schedule.name=plateau", "schedule.plateau.action=grow_batch"], "grow_batch"),
     (["engine.name=deepspeed"], "deepspeed"),
+    (["data.drop_last=true"], "data.drop_last"),
 ])
 def test_bad_input_is_one_line_exit_2(mnist_root: Path, tmp_path: Path, args: list[str],
                                       words: str) -> None:

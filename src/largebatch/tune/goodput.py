@@ -213,8 +213,8 @@ class GoodputAdapter:
         samples into the epoch: the epoch goes on in whole micro-batches, so a micro size that
         does not divide it is not taken now; its global batch is, through the current micro
         size, and the micro size follows (``pending``) after the next step, shortened if need
-        be (``window_micro_batches``) to end where the new size divides the position. ``profile(sizes)`` times a forward + backward at each size (the
-        first decision only).
+        be (``window_micro_batches``) to end where the new size divides the position.
+        ``profile(sizes)`` times a forward + backward at each size (the first decision only).
 
         Returns:
             ``{"micro_size", "accum_steps", "noise_scale", "gain", "c", "gamma"}``: what to
@@ -360,3 +360,18 @@ def _apply(trainer: Any, micro: int, accum: int, why: dict[str, Any]) -> None:
         print(f"batch.adapt: step {s.step}: global batch {plan.global_size} -> "
               f"{new.global_size} (micro {new.micro_size} x accum {new.accum_steps} x world "
               f"{new.world_size}), peak LR {new.peak_lr:.4g}{extra}", flush=True)
+
+
+def recut_epoch(trainer: Any, rank_samples: int) -> tuple[Any, BatchPlan]:
+    """The rest of the epoch in micro-batches of the (adapted) plan's micro size, from this
+    rank's ``rank_samples``-th sample (a whole number of them: ``adapt_batch`` chose so):
+    the epoch's iterator and the plan, with the trainer's position counted in the new size."""
+    t0 = time.perf_counter()
+    plan, s = trainer.plan, trainer.state
+    s.consumed = rank_samples // plan.micro_size
+    trainer._epoch_micro = plan.micro_batches_per_epoch
+    batches = iter(trainer.train_loader)
+    for _ in range(s.consumed):  # as a resume at this position would
+        next(batches)
+    s.train_time_s += time.perf_counter() - t0
+    return batches, plan
