@@ -139,6 +139,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=50, help="batch.adapt_every_steps")
     p.add_argument("--max-micro", type=int, default=960, help="batch.adapt_max_micro")
     p.add_argument("--max-global", type=int, default=3840, help="batch.max_global_size")
+    p.add_argument("--warmup-steps", type=int, default=300,
+                   help="untimed steps before the first arm (0: none)")
     p.add_argument("--out-dir", default=None, help="run folders (default: a temporary one)")
     p.add_argument("--json", default=None)
     p.add_argument("--figure", default=None)
@@ -154,6 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         [("linear", b) for b in args.linear]
     with tempfile.TemporaryDirectory(prefix="bench_goodput_") as tmp:
         root = Path(args.out_dir or tmp)
+        if args.warmup_steps:  # the first run in a process is slower (allocator, caches)
+            print(f"warm-up: {args.warmup_steps} untimed steps at batch 60 ...", flush=True)
+            train(load_config(SEED_CONFIG, arm_overrides("fixed", 60, args, root / "warmup") +
+                              [f"train.max_steps={args.warmup_steps}"]), quiet=True)
         rows = [run_arm(kind, b, args, root) for kind, b in arms]
     print("\n" + table(rows, args.target))
     ref = rows[0]
