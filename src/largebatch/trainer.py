@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from largebatch.config import Config, ConfigError
+from largebatch.config import Config
 from largebatch.data.loaders import Batch, BatchLoader
 from largebatch.engines.base import Engine
 from largebatch.metrics import MetricsLogger
@@ -24,7 +24,8 @@ from largebatch.noise_scale import NoiseScaleMonitor
 from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
 from largebatch.run_state import RunState, Timer, map_resharded_position
-from largebatch.tasks.base import Metric, Task
+from largebatch.plateau import grow_batch, plateau_metric
+from largebatch.tasks.base import Task
 from largebatch.tune.goodput import adapt_batch, build_adapter, recut_epoch
 
 
@@ -47,7 +48,7 @@ class Trainer:
                  logger: MetricsLogger) -> None:
         self.cfg, self.task, self.engine, self.schedule, self.plan = cfg, task, engine, schedule, plan
         self.target = task.primary_metric()
-        self.plateau_metric = self._plateau_metric()
+        self.plateau_metric = plateau_metric(cfg, task)
         self.initial_plan = plan
         self.model = engine.model
         self.train_loader, self.eval_loader, self.logger = train_loader, eval_loader, logger
@@ -160,34 +161,7 @@ class Trainer:
         if self.plateau_metric is not None:  # (the schedule averages it over ranks first)
             action = self.schedule.on_eval(s.metrics[self.plateau_metric.name])
         if action == "grow_batch":
-            self._grow_batch()
-
-    def _plateau_metric(self) -> Optional[Metric]:
-        """The metric plateau decisions follow (None without a plateau schedule); its mode
-        must match ``schedule.plateau.mode``, else the LR would drop while it improves."""
-        p = self.cfg.schedule.plateau
-        if self.cfg.schedule.name != "plateau":
-            return None
-        metric = self.task.metric(p.metric, "schedule.plateau.metric")
-        if metric.mode != p.mode:
-            raise ConfigError(f"schedule.plateau.mode={p.mode} but {metric.name} is better when "
-                              f"{'larger' if metric.mode == 'max' else 'smaller'} "
-                              f"(use schedule.plateau.mode={metric.mode})")
-        return metric
-
-    def _grow_batch(self) -> None:
-        """Smith et al. 2018: grow the batch through accumulation; else lower the LR."""
-        grown = self.plan.grown(self.cfg.schedule.plateau.factor)
-        change = {"kind": "plan_change", "step": self.state.step, "samples": self.state.samples}
-        if grown is None:
-            self.schedule.reduce_lr()
-            change.update(action="reduce_lr", lr=self.schedule.lr)
-        else:
-            self.plan = grown
-            change.update(action="grow_batch", global_size=grown.global_size,
-                          accum_steps=grown.accum_steps)
-        self.state.plan_changes.append(change)
-        self.logger.log(change)
+            grow_batch(self)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _epoch_progress(self) -> float:

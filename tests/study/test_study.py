@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from largebatch.config import ConfigError, load_config
+from largebatch.study import noise_verdict
 from largebatch.study import verdicts as claims
 from largebatch.study.measure import loss_oscillation
 from largebatch.study.runner import make_sweep, prepare_runs, timing_steps
@@ -429,7 +430,7 @@ def _noise_rows(late: float) -> list[dict]:
 
 def test_stop_paying_against_the_closed_form():
     rows = _noise_rows(200.0)  # B_simple 200: bs 1, 6, 60 below; 600, 6000 above
-    v = claims.stop_paying(rows, "seed")
+    v = noise_verdict.stop_paying(rows, "seed")
     below, above = v.parts
     # bs 6 -> 60: 12000 -> 2000 updates = 6x for a 10x batch; model (1+200/6)/(1+200/60)/10
     assert below[1] == claims.HOLDS
@@ -448,14 +449,14 @@ def test_stop_paying_against_the_closed_form():
     # (10% of the ideal fall, < 50%) the below-B_simple scaling fails, above is not tested.
     rows = _noise_rows(20000.0)
     rows[3].update(epochs_to_target=20.0, steps_to_target=2000)
-    v = claims.stop_paying(rows, "seed")
+    v = noise_verdict.stop_paying(rows, "seed")
     assert v.parts[0][1] == claims.FAILS and "2000 -> 2000 updates = 10%" in v.parts[0][2]
     assert v.parts[1][1] == claims.UNTESTED and v.verdict == claims.FAILS
     assert "updates stop falling ~1/B at bs 600" in " ".join(v.extra)
     assert "6000" not in v.parts[0][2]  # 200 updates: too few to tell (a paying step: <= 400)
     rows[4].update(steps=1000)  # 1000 updates without the target, where 400 would do
-    v = claims.stop_paying(rows, "seed")
+    v = noise_verdict.stop_paying(rows, "seed")
     assert ("bs 600 -> 6000: 2000 updates -> not reached in 1000 (a step paying 50% needs "
             "<= 400)") in v.parts[0][2]
-    none = claims.stop_paying([_row(b) for b in SIZES], "seed")
+    none = noise_verdict.stop_paying([_row(b) for b in SIZES], "seed")
     assert none.verdict == claims.UNTESTED

@@ -15,8 +15,9 @@ from largebatch.study._util import fmt as _fmt
 from largebatch.study._util import finite
 from largebatch.study.figures import (plot_accuracy, plot_epoch_time, plot_loss_first,
                                       plot_noise_scale, plot_time_to_target)
-from largebatch.study.verdicts import (DATA_DOMINATES, MANY_MORE_EPOCHS, PAYING, TIME_TOL,
-                                       Verdict, reference_arm, stop_paying, verdicts)
+from largebatch.study.noise_verdict import PAYING, stop_paying
+from largebatch.study.verdicts import (DATA_DOMINATES, MANY_MORE_EPOCHS, TIME_TOL, Verdict,
+                                       reference_arm, verdicts)
 
 BASE_COLUMNS = [
     "arm", "batch_size", "status", "lr", "world_size", "micro_size", "accum_steps",
