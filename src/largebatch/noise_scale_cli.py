@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from largebatch.config import Config, ConfigError, load_config
+from largebatch.plan import BatchPlan, scaled_lr
 
 HELP = "measure the gradient noise scale and advise a global batch and its LR"
 HARD_EXIT = True
@@ -118,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         # --json: stdout carries the one object only, the run's own lines go to stderr.
         sink = sys.stderr if args.json else sys.stdout
         with contextlib.redirect_stdout(sink):
-            train(run_cfg, quiet=True)
+            summary = train(run_cfg, quiet=True)
         destroy_process_group()
+        configured = with_found_lr(configured, summary)
         if not denv.is_main:
             return 0
         records = read_train_records(Path(tmp))
@@ -139,6 +142,18 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(advice) if args.json else render(advice, configured.scale_rule),
           flush=True)
     return 0
+
+
+def with_found_lr(configured: BatchPlan, summary: dict[str, Any]) -> BatchPlan:
+    """With ``optim.lr=auto`` the configured plan holds a placeholder base LR of 1 until the
+    range test has run: take the base LR the measuring run found (the test ran at the same
+    global batch), so the advice's LR column is the rule applied to a real LR."""
+    if (configured.lr_auto or {}).get("source") != "pending":
+        return configured
+    found = summary["plan"]
+    return dataclasses.replace(configured, base_lr=found["base_lr"], lr_auto=found["lr_auto"],
+                               peak_lr=scaled_lr(found["base_lr"], configured.scale_rule,
+                                                 configured.global_size, configured.base_batch))
 
 
 def run_cfg_plan(cfg: Config, world_size: int) -> dict[str, Any]:

@@ -169,11 +169,20 @@ class BatchPlan:
             f"  data: {self.dataset_size} samples, {self.shard_size} per rank, "
             f"{self.steps_per_epoch} optimizer steps/epoch "
             f"({'drop_last' if self.drop_last else 'last window may be short'})",
-            f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule {self.scale_rule}, "
-            f"peak {self.peak_lr:g}, warmup {self.warmup_steps} steps",
+            self._describe_lr(),
             *([self._describe_auto()] if self.micro_auto else []),
             *([_describe_lr_auto(self.lr_auto)] if self.lr_auto else []),
         ])
+
+    def _describe_lr(self) -> str:
+        """The LR line; with ``optim.lr=auto`` before the range test there is no LR to show
+        yet (the plan holds a unit base LR as a placeholder), so the line says so."""
+        if (self.lr_auto or {}).get("source") == "pending":
+            return (f"  lr: auto (LR range test at batch {self.global_size} at run start), rule "
+                    f"{self.scale_rule} from batch {self.base_batch}, warmup "
+                    f"{self.warmup_steps} steps unless the test suggests one")
+        return (f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule "
+                f"{self.scale_rule}, peak {self.peak_lr:g}, warmup {self.warmup_steps} steps")
 
     def _describe_auto(self) -> str:
         """The ``batch.micro_size=auto`` line: where the size came from, peak vs limit."""
@@ -241,8 +250,7 @@ def _describe_lr_auto(record: dict[str, Any]) -> str:
     def fmt(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.4g}"
     if record.get("source") == "pending":
-        return ("  lr auto: optim.lr=auto, the peak LR comes from an LR range test at run start "
-                "(until then: base 1, peak = the scaling rule's factor)")
+        return "  lr auto: pending (the peak LR and its warmup come from lr-find's suggestion)"
     return (f"  lr auto: peak {record['peak_lr']:.4g} from lr-find (steepest "
             f"{fmt(record.get('steepest'))}, max_stable {fmt(record.get('max_stable'))}), "
             f"warmup {record['warmup_steps']} steps ({record['warmup_from']})")

@@ -129,6 +129,23 @@ def _two_ranks(rank: int, world: int, root: str, out: str) -> dict:
             "accum": run.plan.accum_steps}
 
 
+def test_noise_scale_advice_uses_the_found_lr(mlp_one, mnist_root, tmp_path, capsys):
+    """``largebatch noise-scale`` with optim.lr=auto: the LR column is the linear rule applied
+    to the range test's peak (the fixture's run of the same config), not to the placeholder."""
+    from largebatch.cli import main
+    peak = mlp_one["peak_lr"]
+    with pytest.raises(SystemExit) as exc:
+        main(["noise-scale", SEED, "--steps", "6", "--json", *BASE, f"data.root={mnist_root}",
+              "optim.lr=auto", "model.name=mlp", "optim.scale_rule=linear",
+              f"log.out_dir={tmp_path / 'run'}"])
+    assert exc.value.code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert peak != pytest.approx(1.0) and out["configured"]["lr"] == pytest.approx(peak)
+    assert len(out["table"]) >= 2
+    for row in out["table"]:  # base batch unset: the configured 96
+        assert row["lr"] == pytest.approx(peak * row["global_size"] / 96), row
+
+
 def test_two_gloo_ranks_agree_and_match_one_process(mlp_one, mnist_root, tmp_path):
     """2 ranks x micro 48 = 1 process's 96 (micro 48 x accum 2): the same ramp up to fp32
     summation order, so the same LRs out of the same discrete ramp; every rank alike."""
@@ -162,7 +179,9 @@ def test_plan_command_shows_the_pending_auto_lr(capsys, mnist_root):
               "optim.base_batch=60", "batch.global_size=240"])
     out = capsys.readouterr().out
     assert exc.value.code == 0
-    assert "peak 4," in out and "lr auto: optim.lr=auto" in out  # base 1 x 240 / 60
+    # The placeholder (base 1, so peak 1 x 240 / 60 = 4) is not printed as if it were an LR.
+    assert "lr: auto (LR range test at batch 240" in out and "rule linear from batch 60" in out
+    assert "peak 4" not in out and "base 1 " not in out and "lr auto: pending" in out
 
 
 def test_the_ramp_leaves_the_noise_scale_estimate_as_it_was(mnist_root, tmp_path):
