@@ -392,7 +392,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.noise.load_state_dict(state.get("noise_scale"))
         if self.adapter is not None:
-            self.adapter.load_state_dict(state.get("adapt"))
+            self.adapter.load_state_dict(state.get("adapt"),
+                                         resharded=state.get("resharded_from") is not None)
             if self.plan.micro_size != self.train_loader.batch_size:  # adapted before the save
                 self.train_loader.set_batch_size(self.plan.micro_size)
         self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),

@@ -236,6 +236,52 @@ def test_two_ranks_agree_and_reduce_once_per_step(mnist_root: Path, tmp_path: Pa
         assert c["lr"] == pytest.approx(LR * c["global_size"] / 60, rel=1e-12)
 
 
+def _resume_on_two_ranks(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
+    from largebatch.dist import DistEnv
+    from largebatch.run import build_run
+    cfg = _config(root, out, "checkpoint.resume=auto")
+    run = build_run(cfg, DistEnv("torchrun", rank=rank, world_size=world), quiet=True)
+    plan = run.trainer.plan  # as loaded: resharded from the 1-process set
+    patch = pytest.MonkeyPatch()
+    _fake_timing(patch, run)
+    summary = run.trainer.fit()
+    patch.undo()
+    return {"start": [plan.global_size, plan.micro_size, plan.accum_steps, plan.world_size],
+            "changes": run.trainer.state.plan_changes, "steps": summary["steps"]}
+
+
+def test_resume_at_another_world_size_keeps_the_adapted_batch(mnist_root: Path,
+                                                              tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    """A 1-process set saved right after a decision whose micro size was still pending,
+    resumed on 2 gloo ranks: the global batch in effect at the save goes on (cut for 2 ranks),
+    the pending micro size (chosen for the old world's positions) is dropped, and every later
+    change is a valid 2-rank batch with the linear rule's LR."""
+    straight, _ = _train(_config(str(mnist_root), str(tmp_path / "a")), monkeypatch)
+    pending = [c for c in straight["plan_changes"] if c["reason"] == "pending_micro"]
+    assert pending
+    stop = pending[0]["step"] - 1
+    out = tmp_path / "b"
+    first, _ = _train(_config(str(mnist_root), str(out), "checkpoint.resume=auto"),
+                      monkeypatch, stop_at=stop)
+    assert first["steps"] == stop
+    saved = [c for c in straight["plan_changes"] if c["step"] <= stop][-1]
+    assert saved["reason"] == "decision"  # its micro size had not been applied yet
+    got = spawn(_resume_on_two_ranks, 2, str(mnist_root), str(out), timeout=240)
+    assert _untimed(got[0]["changes"]) == _untimed(got[1]["changes"])
+    g, m, a, w = got[0]["start"]
+    assert (g, w) == (saved["global_size"], 2) and m * a * w == g, got[0]["start"]
+    after = [c for c in got[0]["changes"] if c["step"] > stop]
+    size = g
+    for c in after:
+        assert c["global_size"] == c["micro_size"] * c["accum_steps"] * 2 <= 960, c
+        assert c["lr"] == pytest.approx(LR * c["global_size"] / 60, rel=1e-12), c
+        if c["reason"] == "pending_micro":  # only the micro size changes, never the batch
+            assert c["global_size"] == size, (c, size)
+        size = c["global_size"]
+    assert got[0]["steps"] == got[1]["steps"] > stop
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, words", [
     (["batch.micro_size=60"], "batch.accum_steps >= 2"),

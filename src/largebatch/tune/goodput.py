@@ -268,8 +268,11 @@ class GoodputAdapter:
                 "last_decision_step": self.last_decision_step, "decisions": self.decisions,
                 "pending": None if self.pending is None else list(self.pending)}
 
-    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
-        """Restore ``state_dict`` (None: a set from a run without the adapter; start afresh)."""
+    def load_state_dict(self, state: Optional[dict[str, Any]], resharded: bool = False) -> None:
+        """Restore ``state_dict`` (None: a set from a run without the adapter; start afresh).
+        ``resharded``: the set was saved at another world size. A pending micro size is then
+        dropped: it was chosen as (micro, accum) for the old world's ranks and positions, and
+        applied here it would change the global batch; the next decision chooses afresh."""
         if state is None:
             return
         self.profile = {int(k): float(v) for k, v in state["profile"].items()}
@@ -277,7 +280,7 @@ class GoodputAdapter:
         self.steps = [(int(m), int(a), float(t)) for m, a, t in state["steps"]]
         self.last_decision_step = int(state["last_decision_step"])
         self.decisions = int(state["decisions"])
-        pending = state.get("pending")
+        pending = None if resharded else state.get("pending")
         self.pending = None if pending is None else (int(pending[0]), int(pending[1]))
 
 
