@@ -158,6 +158,29 @@ def test_adapts_micro_and_accumulation_to_the_goodput_optimum(mnist_root: Path, 
             if micro != c["micro_size"]:  # it did not divide the position: it follows
                 assert position % micro and changes[i + 1]["micro_size"] == micro, c
         micro_before = c["micro_size"]
+    # Every judged decision is a record, changed or not. Where the fit saw two accumulations
+    # (gamma > 0) it recovers the true time model, and the best candidate is the brute-force
+    # argmax (but where that micro size could not be reached from this position).
+    judged = [r for r in records if r["kind"] == "adapt_decision"]
+    decided = {c["step"]: c for c in changes if c["reason"] == "decision"}
+    assert len(judged) > len(decided)
+    fitted = 0
+    for j in judged:
+        assert j["changes"] == (j["step"] in decided), j
+        if j["changes"]:
+            c = decided[j["step"]]
+            assert (c["noise_scale"], c["predicted_gain"]) == (j["noise_scale"],
+                                                               j["predicted_gain"])
+        else:
+            assert j["predicted_gain"] < 1.05 or (j["best_micro"], j["best_accum"]) == (
+                j["micro_size"], j["accum_steps"]), j
+        if j["gamma"] > 0:
+            fitted += 1
+            assert j["c"] == pytest.approx(1.0) and j["gamma"] == pytest.approx(GAMMA), j
+            micro, accum = _brute_force(j["noise_scale"], 1, 2)
+            reachable = (j["samples"] % SUBSET) % micro == 0 or micro % j["micro_size"] == 0
+            assert not reachable or j["best_global"] == micro * accum, (j, micro, accum)
+    assert fitted
     # Every optimizer step trained on the batch in effect, but where an epoch's end cut the
     # window short, or a window was shortened to reach a position the next micro size divides.
     train = [r for r in records if r["kind"] == "train"]

@@ -135,6 +135,8 @@ class GoodputAdapter:
         #: a chosen micro size waiting for a position it divides: (micro, accum)
         self.pending: Optional[tuple[int, int]] = None
         self.sums = [0.0, 0.0, 0.0]  # |G|² and tr(Σ) per-step estimates, their (weighted) count
+        #: what the last judged decision weighed (an ``adapt_decision`` record; not state)
+        self.last_judgement: Optional[dict[str, Any]] = None
 
     # ---- what the trainer feeds in -------------------------------------------------------
     def observe(self, micro: int, n_micro: int, seconds: float,
@@ -236,7 +238,13 @@ class GoodputAdapter:
                                            [m for m in self.micros if position % m == 0])
         now = self.goodput(plan.micro_size, plan.accum_steps, plan.world_size, noise, c, gamma)
         self.pending = None
-        if (micro, accum) == (plan.micro_size, plan.accum_steps) or best < now * (1 + MIN_GAIN):
+        stays = (micro, accum) == (plan.micro_size, plan.accum_steps) or \
+            best < now * (1 + MIN_GAIN)
+        self.last_judgement = {"step": step, "noise_scale": noise, "c": c, "gamma": gamma,
+                               "best_micro": micro, "best_accum": accum,
+                               "best_global": micro * accum * plan.world_size,
+                               "predicted_gain": best / now, "changes": not stays}
+        if stays:
             return None
         if position % micro:  # the global batch now; the micro size when the position allows
             self.pending = (micro, accum)
@@ -322,9 +330,13 @@ def adapt_batch(trainer: Any, position: int, epoch_start: bool = False) -> bool:
 
     Every rank calls it after every applied step: what it does depends only on the step and
     the position, identical on all ranks, so its collective (a decision's) stays matched.
+    Each judged decision is logged as an ``adapt_decision`` record, whether the batch changes
+    or not: the noise scale, the throughput model (c, gamma), the best candidate and its
+    predicted gain over the current batch.
     """
     adapter, s = trainer.adapter, trainer.state
     before = trainer.plan.micro_size
+    adapter.last_judgement = None
     ready = adapter.pending_at(position)
     if ready is not None:  # the same global batch, in the micro-batches chosen for it
         adapter.pending = None
@@ -335,6 +347,11 @@ def adapt_batch(trainer: Any, position: int, epoch_start: bool = False) -> bool:
                                 lambda v: trainer.engine.reduce_scalars(v, op="mean")
                                 if trainer.engine.world_size > 1 else v, profile_on(trainer))
         s.train_time_s += time.perf_counter() - t0  # the decision (and profile) is training
+        if adapter.last_judgement is not None:  # why the batch stays or changes, every time
+            plan = trainer.plan  # (still the one before the change, if there is one)
+            trainer.logger.log({"kind": "adapt_decision", "samples": s.samples,
+                                "global_size": plan.global_size, "micro_size": plan.micro_size,
+                                "accum_steps": plan.accum_steps, **adapter.last_judgement})
         if choice is not None:
             _apply(trainer, choice["micro_size"], choice["accum_steps"],
                    {"reason": "decision", "noise_scale": choice["noise_scale"],
