@@ -41,6 +41,17 @@ class RunState:
         self.__dict__.update(state)
         self.stop_reason = ""
 
+    def outcome(self) -> dict[str, Any]:
+        """The counters' part of summary.json: how far the run got and how it ended."""
+        return {"steps": self.step, "samples": self.samples, "train_time_s": self.train_time_s,
+                **{f"final_{k}": v for k, v in self.metrics.items()},
+                "final_train_loss": self.last_loss, "final_grad_norm": self.last_grad_norm,
+                "reached_target": self.reached_target, "steps_to_target": self.steps_to_target,
+                "epochs_to_target": self.epochs_to_target,
+                "time_to_target_s": self.time_to_target_s, "diverged": self.diverged,
+                "stop_reason": self.stop_reason, "skipped_steps": self.skipped_steps,
+                "plan_changes": self.plan_changes}
+
 
 @dataclass
 class Timer:

@@ -59,10 +59,10 @@ class Trainer:
         self.checkpointer: Optional[Any] = None  # called as checkpointer(trainer) to save
         self._sync = engine.device.type == "cuda"  # honest timings need the GPU to finish
         # train.noise_scale (off: every call on it is a no-op, nothing joins the collective)
-        # batch.adapt=goodput (None: off) reads the noise scale, so it turns the estimate on.
+        # batch.adapt=goodput (FixedBatch: off) reads the noise scale: it turns the estimate on.
         self.adapter = build_adapter(cfg, plan, train_loader)
         self.last_micro_batch: Optional[Batch] = None  # what the adapter's profile times
-        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale or self.adapter is not None,
+        self.noise = NoiseScaleMonitor(engine, cfg.train.noise_scale or self.adapter.active,
                                        plan.accum_steps, engine.describe())
         self._reduced_extra: list[float] = []
 
@@ -99,7 +99,7 @@ class Trainer:
                            y.to(self.engine.device, non_blocking=True)))
         t1 = time.perf_counter()
         self.timer.data_s += t1 - t0
-        if self.adapter is not None:
+        if self.adapter.active:
             self.last_micro_batch = window[0]
         self.task.begin_window([y for _, y in window])
         # float64: the sum is later added across ranks and divided; keep the last bits.
@@ -278,7 +278,7 @@ class Trainer:
 
     def _run_epoch(self, progress: Any) -> None:
         s = self.state
-        if self.adapter is not None and s.consumed == 0 and s.step:
+        if s.consumed == 0 and s.step:
             adapt_batch(self, position=0, epoch_start=True)
         plan = self.plan
         self.train_loader.set_epoch(s.epoch)
@@ -291,9 +291,8 @@ class Trainer:
         epoch_start = time.perf_counter()
         while s.consumed < self._epoch_micro and not s.stop_reason:
             n_micro = min(self.plan.accum_steps, self._epoch_micro - s.consumed)
-            if self.adapter is not None:  # a micro size change may need an aligned window
-                n_micro = self.adapter.window_micro_batches(n_micro, rank_samples,
-                                                            plan.micro_size)
+            # (a micro size change may need an aligned window)
+            n_micro = self.adapter.window_micro_batches(n_micro, rank_samples, plan.micro_size)
             window = min(n_micro * plan.micro_size, plan.shard_size - rank_samples)
             lr = self.schedule.lr  # the LR this step uses (the schedule moves on inside)
             t0 = time.perf_counter()
@@ -307,9 +306,8 @@ class Trainer:
                 s.step += 1
                 s.samples += window * self.engine.world_size
                 s.last_loss, s.last_grad_norm = loss, grad_norm
-                if self.adapter is not None:
-                    self.adapter.observe(plan.micro_size, n_micro, time.perf_counter() - t0,
-                                         self.noise.raw)
+                self.adapter.observe(plan.micro_size, n_micro, time.perf_counter() - t0,
+                                     self.noise.raw)
             if applied and (s.step % self.cfg.log.every_steps == 0 or s.diverged):
                 self.logger.log({"kind": "train", "step": s.step,
                                  "epoch": self._epoch_progress(), "samples": s.samples,
@@ -321,8 +319,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self._eval_due() and not s.diverged:
                 self._evaluate_and_decide()
-            if (self.adapter is not None and applied
-                    and s.consumed < self._epoch_micro  # (an epoch's end decides next)
+            if (applied and s.consumed < self._epoch_micro  # (an epoch's end decides next)
                     and adapt_batch(self, position=rank_samples)):
                 batches, plan = recut_epoch(self, rank_samples)  # a new micro size
             s.stop_reason = self._should_stop()
@@ -376,8 +373,7 @@ class Trainer:
                  "schedule": self.schedule.state_dict(), "engine": engine, "per_rank": per_rank}
         if self.noise.enabled:  # the estimate's EMAs, so a resumed run continues them
             state["noise_scale"] = self.noise.state_dict()
-        if self.adapter is not None:
-            state["adapt"] = self.adapter.state_dict()
+        state["adapt"] = self.adapter.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,26 +387,17 @@ class Trainer:
                                                self.plan, self.engine.is_main)
         self.schedule.load_state_dict(state["schedule"])
         self.noise.load_state_dict(state.get("noise_scale"))
-        if self.adapter is not None:
-            self.adapter.load_state_dict(state.get("adapt"),
-                                         resharded=state.get("resharded_from") is not None)
-            if self.plan.micro_size != self.train_loader.batch_size:  # adapted before the save
-                self.train_loader.set_batch_size(self.plan.micro_size)
+        self.adapter.load_state_dict(state.get("adapt"),
+                                     resharded=state.get("resharded_from") is not None)
+        if self.adapter.active and self.plan.micro_size != self.train_loader.batch_size:
+            self.train_loader.set_batch_size(self.plan.micro_size)  # adapted before the save
         self.engine.load_state_dict({**state["engine"], "per_rank": state.get("per_rank"),
                                      "per_rank_all": state.get("per_rank_all")})
         self.logger.drop_after(self.state.step)  # what a killed run logged past this set
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         """The run's outcome (summary.json)."""
-        s = self.state
-        return {"steps": s.step, "samples": s.samples, "epochs_run": self._epoch_progress(),
-                "wall_s": wall_s, "train_time_s": s.train_time_s,
+        return {"epochs_run": self._epoch_progress(), "wall_s": wall_s,
                 **{f"final_{m.name}": math.nan for m in self.task.metrics},
-                **{f"final_{k}": v for k, v in s.metrics.items()},
-                "final_train_loss": s.last_loss, "final_grad_norm": s.last_grad_norm,
-                "reached_target": s.reached_target,
-                "steps_to_target": s.steps_to_target, "epochs_to_target": s.epochs_to_target,
-                "time_to_target_s": s.time_to_target_s, "diverged": s.diverged,
-                "stop_reason": s.stop_reason, "skipped_steps": s.skipped_steps,
-                "final_lr": self.schedule.lr, **self.noise.summary(),
-                "plan_changes": s.plan_changes, "plan": self.initial_plan.to_json()}
+                **self.state.outcome(), "final_lr": self.schedule.lr, **self.noise.summary(),
+                "plan": self.initial_plan.to_json()}

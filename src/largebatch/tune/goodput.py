@@ -121,6 +121,8 @@ class GoodputAdapter:
         can_change_micro: whether the loader can re-cut its micro-batches.
     """
 
+    active = True
+
     def __init__(self, plan: BatchPlan, every_steps: int, max_micro: Optional[int],
                  can_change_micro: bool) -> None:
         self.initial_batch = plan.global_size
@@ -292,12 +294,35 @@ class GoodputAdapter:
         self.pending = None if pending is None else (int(pending[0]), int(pending[1]))
 
 
+class FixedBatch:
+    """``batch.adapt`` off: the adapter's interface as explicit no-ops, so that the trainer's
+    loop reads the same with and without adaptation."""
+
+    active = False
+
+    def window_micro_batches(self, n_micro: int, position: int, micro: int) -> int:
+        """The window as planned."""
+        return n_micro
+
+    def observe(self, micro: int, n_micro: int, seconds: float,
+                raw: Optional[tuple[float, float]] = None) -> None:
+        """Nothing to learn."""
+
+    def state_dict(self) -> None:
+        """No state (a checkpoint's ``adapt`` is None)."""
+        return None
+
+    def load_state_dict(self, state: Optional[dict[str, Any]], resharded: bool = False) -> None:
+        """Nothing to restore (a set from an adaptive run continues at its saved plan)."""
+
+
 # ---- the trainer's side ----------------------------------------------------------------------
-def build_adapter(cfg: Any, plan: BatchPlan, train_loader: Any) -> Optional[GoodputAdapter]:
-    """The run's adapter for ``batch.adapt=goodput`` (None when off)."""
+def build_adapter(cfg: Any, plan: BatchPlan,
+                  train_loader: Any) -> "GoodputAdapter | FixedBatch":
+    """The run's adapter for ``batch.adapt=goodput`` (``FixedBatch`` when off)."""
     b = cfg.batch
     if b.adapt != "goodput":
-        return None
+        return FixedBatch()
     if plan.world_size == 1 and plan.accum_steps < 2:
         raise ConfigError(f"batch.adapt=goodput on one process needs batch.accum_steps >= 2 "
                           f"(the noise scale's small batches are the window's micro-batches); "
@@ -335,6 +360,8 @@ def adapt_batch(trainer: Any, position: int, epoch_start: bool = False) -> bool:
     predicted gain over the current batch.
     """
     adapter, s = trainer.adapter, trainer.state
+    if not adapter.active:
+        return False
     before = trainer.plan.micro_size
     adapter.last_judgement = None
     ready = adapter.pending_at(position)
