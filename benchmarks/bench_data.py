@@ -4,7 +4,7 @@ Part 1 times one epoch of batches (the whole 60k training split, shuffled, norma
 ``largebatch.data.MemoryLoader`` and from the original study's set-up,
 ``DataLoader(MNIST(transform=Compose([ToTensor(), Normalize(...)])), shuffle=True)``, at
 several batch sizes; contenders alternate inside every repeat and the medians are reported.
-Part 2 trains seed_cnn through ``largebatch.run.train`` with the in-memory loader for a fixed
+Part 2 trains seed_cnn through ``largebatch.train.build.train`` with the in-memory loader for a fixed
 number of steps and reports the share of the loop spent waiting for data (the Trainer's
 data-wait vs compute split of its epoch record).
 
@@ -28,7 +28,7 @@ from _common import (SEED_CONFIG, check_data_root, default_data_root, markdown_t
 from largebatch.config import load_config  # noqa: E402
 from largebatch.data import MemoryLoader  # noqa: E402
 from largebatch.data.mnist import MEAN, STD  # noqa: E402
-from largebatch.run import train  # noqa: E402
+from largebatch.train.build import train  # noqa: E402
 
 # Steps per training measurement in part 2: about the same number of samples at every size.
 FRACTION_STEPS = {60: 200, 600: 30, 6000: 4}
@@ -168,7 +168,7 @@ def main() -> None:
         rows, raw = fraction_rows(root, args, Path(tmp))
     print("\nEpoch of batches (60k samples, shuffled, normalised), median over repeats:\n")
     print(epoch_table(times, args.batches))
-    print("\nLoading share of the training loop, seed_cnn on CPU through largebatch.run.train:\n")
+    print("\nLoading share of the training loop, seed_cnn on CPU through largebatch.train.build.train:\n")
     print(markdown_table(["batch", "loader", "steps", "data ms/step", "compute ms/step",
                           "data share"], rows))
     write_json(args.json, {"epoch_s": {k: {str(b): v for b, v in d.items()}

@@ -36,7 +36,7 @@ from _common import (SEED_CONFIG, check_data_root, default_data_root,  # noqa: E
                      markdown_table, print_machine, write_json)
 
 from largebatch.config import load_config  # noqa: E402
-from largebatch.run import train  # noqa: E402
+from largebatch.train.build import train  # noqa: E402
 
 
 def arm_overrides(kind: str, batch: int, args: argparse.Namespace, out: Path) -> list[str]:

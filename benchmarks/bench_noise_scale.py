@@ -1,7 +1,7 @@
 """What the live noise-scale measurement costs, and how it compares with AdaptDL-style hooks.
 
 Part 1, cost: the MNIST seed net at global batch 600 (micro 150 x accum 4, one process), built
-through the public path (``largebatch.run.build_run``) three times: ``train.noise_scale``
+through the public path (``largebatch.train.build.build_run``) three times: ``train.noise_scale``
 false ("off"), true ("live"), and false with the AdaptDL-style per-parameter hooks below
 attached ("hooks"). Their optimizer steps (``Trainer.train_step``, what the trainer times as
 ``time_s``) are interleaved in one process: every repeat runs a block of steps of each
@@ -14,7 +14,7 @@ the truth does not move). The per-sample gradient is g = x (x.delta - eps), so
 G = E[g] = delta and, from the Gaussian fourth moment, E[g g^T] = |delta|^2 I + 2 delta
 delta^T + sigma^2 I: tr(Sigma) = (d + 1)|delta|^2 + d sigma^2 and
 B_simple = tr(Sigma) / |G|^2 = d + 1 + d sigma^2 / |delta|^2. The hooks baseline and the live
-estimator (when ``largebatch.noise_scale`` exists) see the same micro-batches.
+estimator (when ``largebatch.noise.scale`` exists) see the same micro-batches.
 
     python3 benchmarks/bench_noise_scale.py --data-root "$LARGEBATCH_DATA_ROOT"
     python3 benchmarks/bench_noise_scale.py --repeats 8 --steps 4 --clock cpu
@@ -37,7 +37,7 @@ from _common import (SEED_CONFIG, check_data_root, default_data_root, markdown_t
                      median, print_machine, spread)
 
 from largebatch.config import ConfigError, load_config  # noqa: E402
-from largebatch.run import build_run  # noqa: E402
+from largebatch.train.build import build_run  # noqa: E402
 
 GLOBAL, MICRO = 600, 150
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -215,13 +215,13 @@ def least_squares_truth(delta: torch.Tensor, sigma: float) -> float:
 def bench_estimate(args: argparse.Namespace) -> dict[str, Any]:
     """Hooks baseline and the live estimator vs the closed form, on the same micro-batches.
 
-    The live estimator is ``largebatch.noise_scale.NoiseScaleMonitor`` on a real
+    The live estimator is ``largebatch.noise.scale.NoiseScaleMonitor`` on a real
     ``SingleEngine``, driven with the calls and in the order ``Trainer.train_step`` makes
     them; the hooks baseline is attached to the same model and optimizer.
     """
     from largebatch.dist import DistEnv
     from largebatch.engines.single import SingleEngine
-    from largebatch.noise_scale import NoiseScaleMonitor
+    from largebatch.noise.scale import NoiseScaleMonitor
     d, sigma, micro, accum, steps = 16, 2.0, 16, 8, args.ls_steps
     gen = torch.Generator().manual_seed(0)
     w_star = torch.randn(d, generator=gen)

@@ -6,7 +6,7 @@ target test accuracy in at most 1.5x the epochs that the seed recipe (``seed.yam
 Naive linear scaling of the seed recipe (``naive_linear.yaml``) is the counter-example.
 
 All arms run in this one process, one after the other, through the public path
-(``largebatch.config.load_config`` + ``largebatch.run.train``), each with the same overrides:
+(``largebatch.config.load_config`` + ``largebatch.train.build.train``), each with the same overrides:
 the data root, the target, ``train.stop_at_target=true`` and ``train.eval_every_samples``.
 Each arm keeps its own ``train.epochs`` (the large-batch recipe's LR decay is planned over
 it), except the seed recipe, which gets ``--seed-epochs`` so that it has room to reach the
@@ -33,7 +33,7 @@ from _common import (REPO, check_data_root, default_data_root, markdown_table,  
                      print_machine, write_json)
 
 from largebatch.config import Config, load_config  # noqa: E402
-from largebatch.run import train  # noqa: E402
+from largebatch.train.build import train  # noqa: E402
 
 CONFIGS = REPO / "configs" / "mnist"
 ARMS = {"seed": "seed.yaml", "large_batch": "large_batch.yaml",

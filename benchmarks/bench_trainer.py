@@ -4,7 +4,7 @@ Both contenders train seed_cnn on the real MNIST at batch 600 with SGD(lr 0.02, 
 from the same initial weights, on the same in-memory batches (the same epoch permutation of the
 same uint8 tensor, normalised per batch) and with the same dropout masks, so they do the same
 arithmetic: the script checks that their final weights agree. The Trainer is built through the
-public path (``largebatch.run.train`` with a config, ``log.progress=false``); its time is the
+public path (``largebatch.train.build.train`` with a config, ``log.progress=false``); its time is the
 epoch records' ``epoch_time_s`` (the whole loop: loader, steps, logging; evaluation excluded).
 Repeats alternate which contender runs first, because this machine is noisy and shared;
 ``--clock cpu`` times both with this thread's CPU time instead (immune to other processes), and
@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (SEED_CONFIG, check_data_root, default_data_root, markdown_table,  # noqa: E402
                      median, print_machine, read_jsonl, spread, write_json)
 
-import largebatch.trainer  # noqa: E402
+import largebatch.train.trainer  # noqa: E402
 from largebatch.config import ModelConfig, load_config  # noqa: E402
 from largebatch.data.mnist import MEAN, STD  # noqa: E402
 from largebatch.models import build_model  # noqa: E402
-from largebatch.run import train  # noqa: E402
+from largebatch.train.build import train  # noqa: E402
 
 BATCH, LR, MOMENTUM = 600, 0.02, 0.5
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -56,7 +56,7 @@ def use_clock(name: str) -> None:
     shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
                                     if not k.startswith("_")})
     shim.perf_counter = clock
-    largebatch.trainer.time = shim if name != "wall" else time
+    largebatch.train.trainer.time = shim if name != "wall" else time
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Timing:
 
 def trainer_run(root: Path, steps: int, seed: int, out_dir: Path, model: str,
                 extra: tuple[str, ...] = ()) -> Timing:
-    """Train ``steps`` steps through ``largebatch.run.train``; times come from metrics.jsonl."""
+    """Train ``steps`` steps through ``largebatch.train.build.train``; times come from metrics.jsonl."""
     cfg = load_config(SEED_CONFIG, [
         f"data.root={root}", "data.download=false", "data.test_subset=1000",
         f"batch.global_size={BATCH}", f"batch.micro_size={BATCH}", "optim.name=sgd",

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from largebatch import checkpoint as ckmod
+from largebatch.checkpoint import manager as ckmod
 from largebatch.checkpoint import (Checkpointer, list_sets, load_checkpoint, rank_file,
                                    verify_set)
 from largebatch.config import ConfigError

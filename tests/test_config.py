@@ -238,7 +238,7 @@ def test_int_or_auto_key_stays_an_int_whatever_union_order_typing_cached():
     str first. Whatever the order, 24 must stay the int 24 and 'auto' the string."""
     import typing
 
-    from largebatch.config_io import _coerce
+    from largebatch.config.io import _coerce
     for union in (typing.Union[str, int, None], typing.Union[int, str, None]):
         assert _coerce(24, union, "batch.micro_size") == 24
         assert isinstance(_coerce(24, union, "batch.micro_size"), int)

@@ -15,7 +15,7 @@ import pytest
 
 from largebatch.cli import main
 from largebatch.config import _CHOICES, Config
-from largebatch.config_io import key_rows
+from largebatch.config.io import key_rows
 from tests.conftest import CONFIGS, REPO, cli_env
 
 MLP = str(CONFIGS / "mnist" / "mlp.yaml")

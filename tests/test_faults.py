@@ -270,13 +270,13 @@ def _train_recording(run, bad_window: int) -> tuple[dict, list[dict]]:
         snaps.append({"before": before, "after": _snapshot(trainer), "applied": result[2]})
         return result
     trainer.train_step = step
-    from largebatch.run import finish_run
+    from largebatch.train.build import finish_run
     return finish_run(run, trainer.fit(), quiet=True), snaps
 
 
 @pytest.mark.parametrize("how", ["loss", "grad"])
 def test_nonfinite_skip_drops_the_step_and_changes_nothing(tmp_path, mnist_root, how):
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     run = build_run(_mlp_cfg(mnist_root, tmp_path / "run", "train.nonfinite=skip"), quiet=True)
     _poison(run.trainer.task, 4, how)
     summary, snaps = _train_recording(run, 4)
@@ -301,7 +301,7 @@ def test_nonfinite_skip_drops_the_step_and_changes_nothing(tmp_path, mnist_root,
 
 def test_nonfinite_stop_names_the_step_and_checkpoints_the_last_good_state(tmp_path, mnist_root,
                                                                           capsys):
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     out = tmp_path / "run"
     run = build_run(_mlp_cfg(mnist_root, out, "checkpoint.every_steps=100"), quiet=True)
     assert run.cfg.train.nonfinite == "stop"  # the default
@@ -327,7 +327,7 @@ def test_nonfinite_stop_names_the_step_and_checkpoints_the_last_good_state(tmp_p
 
 
 def test_fp16_scaler_overflow_does_not_advance_schedule_or_step(tmp_path, mnist_root):
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     run = build_run(_mlp_cfg(mnist_root, tmp_path / "run", "train.precision=fp16"), quiet=True)
     _poison(run.trainer.task, 3, "inf_grad")
     scaler = run.engine._scaler
@@ -344,7 +344,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str, result: str) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     run = build_run(_mlp_cfg(Path(root), Path(out), "train.nonfinite=skip"), quiet=True)
     # Only rank 1's loss is NaN, and its gradient stays finite: nothing but the agreed flag
     # tells rank 0 to drop that step too.

@@ -198,7 +198,7 @@ def _count_collectives(rank: int, world: int, port: int, root: str, out: str) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     calls = {"n": 0}
     for name in _COLLECTIVES:  # DDP's gradient all-reduce runs in C++ and is not counted
         original = getattr(dist, name)

@@ -1,4 +1,4 @@
-"""The empirical-model advice (``largebatch.noise_advice``) against hand-computed values, and
+"""The empirical-model advice (``largebatch.noise.advice``) against hand-computed values, and
 ``largebatch noise-scale`` end to end on the real MNIST."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from largebatch.config import ConfigError, load_config
-from largebatch.noise_advice import (NoiseEstimate, advise, candidate_batches, critical_batch,
+from largebatch.noise.advice import (NoiseEstimate, advise, candidate_batches, critical_batch,
                                      recommended_batch, replan, samples_ratio, steps_ratio,
                                      summarize)
 from largebatch.plan import make_plan

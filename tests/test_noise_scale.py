@@ -34,9 +34,9 @@ from largebatch.metrics import MetricsLogger
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import build_schedule
 from largebatch.plan import make_plan
-from largebatch.run import setup_runtime
+from largebatch.train.build import setup_runtime
 from largebatch.tasks.base import Metric, Task, TaskParts
-from largebatch.trainer import Trainer
+from largebatch.train.trainer import Trainer
 from tests._launch import spawn
 
 D, U2, S2 = 64, 4.0, 1.0

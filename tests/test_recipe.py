@@ -12,7 +12,7 @@ import pytest
 
 from largebatch.config import load_config
 from largebatch.plan import make_plan
-from largebatch.run import train
+from largebatch.train.build import train
 from tests.conftest import CONFIGS
 
 RECIPE = CONFIGS / "mnist" / "large_batch.yaml"

@@ -62,7 +62,7 @@ def test_cuda_search_survives_real_ooms_and_leaks_nothing(tmp_path):
 
 
 def test_cuda_auto_run_matches_the_explicit_micro_size(tmp_path, mnist_root):
-    from largebatch.run import build_run, finish_run
+    from largebatch.train.build import build_run, finish_run
     common = [f"data.root={mnist_root}", "data.download=false", "data.subset=2400",
               "data.test_subset=500", "batch.global_size=240", "train.device=cuda",
               "train.max_steps=4", "log.progress=false", "checkpoint.resume=never"]

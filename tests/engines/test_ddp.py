@@ -10,7 +10,7 @@ from tests.conftest import CONFIGS
 
 
 def _count_allreduces(rank: int, world: int, root: str, out: str) -> dict[str, int]:
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     cfg = load_config(CONFIGS / "mnist" / "mlp.yaml",
                       [f"data.root={root}", "data.download=false", "data.subset=4800",
                        "batch.global_size=480", "batch.micro_size=60", "train.max_steps=6",

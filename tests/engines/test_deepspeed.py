@@ -2,7 +2,7 @@
 
 Two kinds of runs:
   * one ``torch.multiprocessing`` session of 2 ranks (imports paid once) that trains the DDP
-    references, ZeRO 3 and the clipped cases through ``largebatch.run.train``, and probes the
+    references, ZeRO 3 and the clipped cases through ``largebatch.train.build.train``, and probes the
     engine directly (LR writes, a window longer than DeepSpeed's configured accumulation,
     ZeRO 3 state gathering, ``setup_module``, state_dict/load_state_dict);
   * six real ``torchrun ... largebatch train`` launches, ZeRO 0/1/2 x (10 steps, short last
@@ -31,7 +31,7 @@ from torch import nn
 from largebatch.config import ConfigError, load_config
 from largebatch.dist import DistEnv, seed_everything
 from largebatch.models import build_model
-from largebatch.run import plan_for
+from largebatch.train.build import plan_for
 from tests._launch import spawn
 from tests.conftest import CONFIGS, cli_env, run_cli, run_torchrun
 
@@ -101,7 +101,7 @@ def _window(engine, batches: list, lr: float) -> dict[str, torch.Tensor]:
 def _probe(stage: int, denv: DistEnv) -> dict:
     """Three steps against closed forms: LR 0.1, LR 0, then a window longer than DeepSpeed's
     configured gradient_accumulation_steps (as after batch growth on a plateau)."""
-    from largebatch.engines.deepspeed import DeepSpeedEngine
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
     from largebatch.optim import build_optimizer
     cfg = load_config(MLP, _deepspeed(stage) + ["optim.momentum=0", "data.subset=4800"])
     seed_everything(0)
@@ -151,7 +151,7 @@ DS_LEAKS = "DeepSpeed ZeRO 3 keeps its engine and the process groups alive in-pr
 
 
 def _session(rank: int, world: int, root: str, out: str) -> None:
-    from largebatch.run import train
+    from largebatch.train.build import train
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     for name, overrides in SESSION_RUNS.items():
         cfg = load_config(MLP, _common(root, Path(out) / name) + overrides)
@@ -183,7 +183,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def _initial_weights() -> dict[str, torch.Tensor]:
     cfg = load_config(MLP)
-    seed_everything(cfg.train.seed)  # as largebatch.run does before building the model
+    seed_everything(cfg.train.seed)  # as largebatch.train.build does before building the model
     return build_model(cfg.model).state_dict()
 
 
@@ -294,7 +294,7 @@ def test_conflicting_batch_field_is_one_line_and_exit_2(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused_before_deepspeed_starts():
-    from largebatch.engines.deepspeed import DeepSpeedEngine
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
     cfg = load_config(MLP, ["engine.name=deepspeed", "train.precision=fp16"])
     with pytest.raises(ConfigError, match="train.precision=fp16 with engine.name=deepspeed needs "
                                           "a GPU"):
@@ -305,7 +305,7 @@ def test_fp16_on_cpu_is_refused_before_deepspeed_starts():
 @pytest.mark.parametrize("overrides", [["engine.zero_stage=1"], ["train.precision=bf16"], []])
 def test_resume_is_accepted_where_deepspeed_partitions_the_state(overrides):
     # (refused before DeepSpeed's partitioned state was checkpointed)
-    from largebatch.engines.deepspeed import DeepSpeedEngine
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
     cfg = load_config(MLP, ["engine.name=deepspeed", "checkpoint.resume=old/ck", *overrides])
     engine = DeepSpeedEngine(DistEnv("none"), torch.device("cpu"), cfg=cfg,
                              plan=plan_for(cfg, 1), precision=cfg.train.precision)

@@ -68,8 +68,8 @@ def _rank(rank: int, world: int) -> dict:
 
     from largebatch.config import load_config
     from largebatch.dist import DistEnv
-    from largebatch.engines.deepspeed import DeepSpeedEngine
-    from largebatch.run import plan_for
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
+    from largebatch.train.build import plan_for
     cfg = load_config(CONFIGS / "mnist" / "mlp.yaml", CFG)
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     engine = DeepSpeedEngine(denv, torch.device("cpu"), cfg=cfg, plan=plan_for(cfg, world),

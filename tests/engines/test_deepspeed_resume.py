@@ -2,7 +2,7 @@
 ``train.nonfinite=skip|stop`` under DeepSpeed, on 2 real gloo ranks with DeepSpeed running.
 
 One 2-rank session (DeepSpeed imported once) trains every case in-process through
-``largebatch.run``: for each (stage, optimizer, precision) an uninterrupted 6-step run, and a
+``largebatch.train.build``: for each (stage, optimizer, precision) an uninterrupted 6-step run, and a
 run stopped at step 3 (``train.max_steps=3``, a set every 3 steps) then resumed to step 6 in
 the same checkpoint directory (``checkpoint.resume=auto``, as a requeue does). The reference
 for "exact" is the uninterrupted run, read through DeepSpeed's own public API
@@ -75,7 +75,7 @@ def _full_state(engine) -> dict:
 
 
 def _train(root: str, out: Path, stage: int, extra: list[str], poison=None):
-    from largebatch.run import build_run, finish_run
+    from largebatch.train.build import build_run, finish_run
     run = build_run(_cfg(root, out, stage, extra), quiet=True)
     if poison is not None:
         poison(run)
@@ -294,8 +294,8 @@ def test_another_world_size_is_refused_in_one_line():
     # The flat partitions are cut per world size: a set of 3 ranks cannot load on 1 at ZeRO 2.
     from largebatch.config import ConfigError, load_config
     from largebatch.dist import DistEnv
-    from largebatch.engines.deepspeed import DeepSpeedEngine
-    from largebatch.run import plan_for
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
+    from largebatch.train.build import plan_for
     cfg = load_config(MLP, ["engine.name=deepspeed", "engine.zero_stage=2"])
     engine = DeepSpeedEngine(DistEnv("none"), torch.device("cpu"), cfg=cfg, plan=plan_for(cfg, 1))
     with pytest.raises(ConfigError, match=r"^checkpoint: a DeepSpeed ZeRO 2 / fp32 checkpoint of "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from largebatch.config import ConfigError, load_config
-from largebatch.engines.ds_config import (build_ds_config, generate_ds_config, merge_ds_config,
+from largebatch.engines.deepspeed.config import (build_ds_config, generate_ds_config, merge_ds_config,
                                           read_user_config)
 from largebatch.plan import make_plan
 from tests.conftest import CONFIGS
@@ -191,7 +191,7 @@ def test_deepspeed_engine_takes_the_runs_plan_and_never_rebuilds_it():
 
     from largebatch.dist import DistEnv
     from largebatch.engines import build_engine
-    from largebatch.engines.deepspeed import DeepSpeedEngine
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
     cfg, plan = _cfg_plan()
     grown = plan.grown(2)
     assert (plan.accum_steps, grown.accum_steps) == (2, 4)

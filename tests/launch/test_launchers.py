@@ -19,8 +19,8 @@ import torch
 
 from largebatch.config import ConfigError, load_config
 from largebatch.dist import DistEnv
-from largebatch.launch_check import check_launch
-from largebatch.run import plan_for
+from largebatch.dist import check_launch
+from largebatch.train.build import plan_for
 from tests.conftest import REPO, cli_env, free_port, run_cli
 
 MLP = "configs/mnist/mlp.yaml"

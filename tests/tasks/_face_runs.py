@@ -1,6 +1,6 @@
 """Shared pieces of the face-task tests: configs, a 2-rank session, a plain reference loop.
 
-The session trains real runs through ``largebatch.run.build_run`` on gloo ranks and saves,
+The session trains real runs through ``largebatch.train.build.build_run`` on gloo ranks and saves,
 per run, the backbone, every rank's head shard (with its class range) and the logged
 training records. The reference is a plain single-process loop written without largebatch's
 head, engine or trainer: the full class matrix, F.normalize/F.linear, the margin as torch ops
@@ -59,7 +59,7 @@ def session(rank: int, world: int, port: int, out: str, runs: dict) -> None:
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     for name, extra in runs.items():
         where = Path(out) / name

@@ -44,7 +44,7 @@ def reshard_session(rank: int, world: int, port: int, out: str, runs: dict) -> N
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     for name, extra in runs.items():
         where = Path(out) / name

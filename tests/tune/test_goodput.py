@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
-import largebatch.tune.goodput as goodput
+import largebatch.policies.goodput as goodput
 from largebatch import plot
 from largebatch.config import ConfigError, load_config
 from largebatch.plan import BatchPlan
-from largebatch.tune.goodput import GoodputAdapter, efficiency, fit_line
+from largebatch.policies.goodput import GoodputAdapter, efficiency, fit_line
 from tests._launch import spawn
 from tests.conftest import CONFIGS, run_cli
 
@@ -108,7 +108,7 @@ def _untimed(changes: list[dict]) -> list[dict]:
 
 
 def _train(cfg: Any, monkeypatch: Any, stop_at: int = 0) -> tuple[dict, dict]:
-    from largebatch.run import build_run, finish_run
+    from largebatch.train.build import build_run, finish_run
     run = build_run(cfg, quiet=True)
     _fake_timing(monkeypatch, run, stop_at=stop_at)
     summary = finish_run(run, run.trainer.fit(), quiet=True)
@@ -228,7 +228,7 @@ def test_resume_continues_the_adaptive_state_exactly(mnist_root: Path, tmp_path:
 def _two_ranks(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
     import largebatch.engines.ddp as ddp
     from largebatch.dist import DistEnv
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     calls = {"n": 0}
     hook = ddp._squaring_allreduce_hook
 
@@ -261,7 +261,7 @@ def test_two_ranks_agree_and_reduce_once_per_step(mnist_root: Path, tmp_path: Pa
 
 def _resume_on_two_ranks(rank: int, world: int, root: str, out: str) -> dict[str, Any]:
     from largebatch.dist import DistEnv
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     cfg = _config(root, out, "checkpoint.resume=auto")
     run = build_run(cfg, DistEnv("torchrun", rank=rank, world_size=world), quiet=True)
     plan = run.trainer.plan  # as loaded: resharded from the 1-process set

@@ -12,7 +12,7 @@ import pytest
 
 from largebatch.checkpoint import load_checkpoint
 from largebatch.dist import DistEnv
-from largebatch.run import build_run, train
+from largebatch.train.build import build_run, train
 
 from tests._launch import spawn
 from tests.conftest import REPO, assert_same_weights

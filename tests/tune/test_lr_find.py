@@ -49,7 +49,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_restores_model_optimizer_rng_and_a_later_training(tmp_path, mnist_root):
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     # (a) mid-run, with momentum state: two real steps first, then the test, then compare.
     run = build_run(_cfg(mnist_root, tmp_path / "a"), quiet=True)
     windows = full_windows(run.trainer)
@@ -108,7 +108,7 @@ def _quadratic_trainer(tmp_path: Path):
     from largebatch.optim.schedules import build_schedule
     from largebatch.plan import make_plan
     from largebatch.tasks.base import Metric, Task, TaskParts
-    from largebatch.trainer import Trainer
+    from largebatch.train.trainer import Trainer
 
     class QuadraticTask(Task):
         metrics = (Metric("loss", "min"),)
@@ -243,7 +243,7 @@ def test_deepspeed_restores_its_partitions_and_ramps_like_the_single_engine(tmp_
     """DeepSpeed (one rank): module weights, fp32 masters, their momentum and its counters
     are put back bit for bit, and the ramp's losses are the single engine's to 1e-5."""
     pytest.importorskip("deepspeed")
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
 
     def two_steps(*extra: str):
         run = build_run(_cfg(mnist_root, tmp_path / "-".join(extra), "model.name=mlp", *extra),

@@ -17,7 +17,7 @@ import torch
 
 from largebatch.config import ConfigError, load_config
 from largebatch.dist import DistEnv
-from largebatch.run import build_run, finish_run
+from largebatch.train.build import build_run, finish_run
 from largebatch.tune import micro_batch
 from largebatch.tune.micro_batch import CACHE_FILE, candidates, search
 from tests._launch import spawn

@@ -44,7 +44,7 @@ def build_engine(cfg: Config, denv: DistEnv, device: torch.device,
         if plan is None:
             raise ValueError("engine.name=deepspeed needs the run's batch plan (build_engine's "
                              "plan argument)")
-        from largebatch.engines.deepspeed import DeepSpeedEngine
+        from largebatch.engines.deepspeed.engine import DeepSpeedEngine
         return DeepSpeedEngine(denv, device, cfg=cfg, plan=plan, **kwargs)
     raise ConfigError(f"engine.name={name!r} is not one of auto|single|ddp|deepspeed")
 

@@ -139,7 +139,7 @@ class Engine(ABC):
 
     # ---- gradients before their reduction (the noise-scale estimate) ----------------------
     def start_grad_probe(self) -> str:
-        """How ``largebatch.noise_scale`` can see this rank's gradient before any reduction;
+        """How ``largebatch.noise.scale`` can see this rank's gradient before any reduction;
         called once, before the first backward. 'comm_hook': a hook squares each rank's window
         gradient as it is reduced (``pop_local_grad_sq_norm``); 'micro': one process, where
         ``.grad`` holds every micro-batch's contribution; '' (default): not at all."""

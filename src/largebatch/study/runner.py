@@ -1,6 +1,6 @@
 """Run the batch-size study: every arm (recipe) over the batch-size sweep, measured, reported.
 
-For each arm and batch size B the study makes, through ``largebatch.run.train`` (the very
+For each arm and batch size B the study makes, through ``largebatch.train.build.train`` (the very
 trainer a user runs), two kinds of runs:
 
 * one **convergence run** with the arm's own loader: at most ``study.max_epochs`` epochs and
@@ -247,7 +247,7 @@ def timing_steps(plan: BatchPlan, samples: int = TIMING_SAMPLES) -> int:
 def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: list[str],
                  out_dir: Path, world_size: int) -> tuple[list[RunSpec], list[str]]:
     """Every run's config, plans checked up front. Returns (runs, notes on skipped arms)."""
-    from largebatch.run import plan_for
+    from largebatch.train.build import plan_for
     runs, notes = [], []
     names = [a.name for a in cfg.study.arms]
     if len(set(names)) != len(names):
@@ -280,7 +280,7 @@ def run_one(spec: RunSpec, sweep: Sweep,
             denv: DistEnv) -> Optional[tuple[dict, list, list, list]]:
     """Timing passes then the convergence run of one (arm, batch size); rank 0 gets the row,
     the loss curve, the eval curve and the B_simple curve."""
-    from largebatch.run import train
+    from largebatch.train.build import train
     timing: dict[str, Any] = {}
     tplan = spec.timing_plan or spec.plan
     for loader, tcfg in spec.timing_cfgs.items():

@@ -291,7 +291,7 @@ def lr_find(trainer: Any, min_lr: float = 1e-6, max_lr: float = 10.0, steps: int
     Every rank must call it (each step is the trainer's, with its collectives).
 
     Args:
-        trainer: the run's trainer (``largebatch.run.build_run(cfg).trainer``), before or
+        trainer: the run's trainer (``largebatch.train.build.build_run(cfg).trainer``), before or
             between trainings.
         min_lr: the first LR of the ramp.
         max_lr: the last LR of the ramp.

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from largebatch.config import ConfigError
-from largebatch.checkpoint_sets import (  # noqa: F401 (re-exported)
+from largebatch.checkpoint.store import (  # noqa: F401 (re-exported)
     _flat, _load_bytes, _remove, _SET_NAME, _sha256_file, _torch_bytes, _warn, _write_durable,
     check_fresh, check_same_run, CheckpointSet, CorruptSet, DONE, FORMAT, fsync_dir, list_sets,
     load_checkpoint, MANIFEST, rank_file, read_manifest, RESUMABLE_CHANGES, rng_state,

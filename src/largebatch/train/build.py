@@ -17,13 +17,13 @@ from largebatch.data.registry import build_loaders, dataset, dataset_size
 from largebatch.dist import (DistEnv, detect_launch, init_process_group, pick_device, rank_seed,
                              seed_everything)
 from largebatch.engines import Engine, build_engine
-from largebatch.launch_check import check_launch
+from largebatch.dist import check_launch
 from largebatch.metrics import MetricsLogger, check_wandb_online
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import build_schedule
 from largebatch.plan import BatchPlan, make_plan
 from largebatch.tasks import build_task
-from largebatch.trainer import Trainer
+from largebatch.train.trainer import Trainer
 
 
 def plan_for(cfg: Config, world_size: int) -> BatchPlan:

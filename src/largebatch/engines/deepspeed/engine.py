@@ -30,9 +30,9 @@ from torch import nn
 
 from largebatch.config import Config, ConfigError
 from largebatch.dist import DistEnv
-from largebatch.engines import ds_state
+from largebatch.engines.deepspeed import state as ds_state
 from largebatch.engines.base import Engine, total_grad_norm
-from largebatch.engines.ds_config import build_ds_config
+from largebatch.engines.deepspeed.config import build_ds_config
 from largebatch.plan import BatchPlan
 
 

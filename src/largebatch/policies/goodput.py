@@ -4,7 +4,7 @@ Goodput (Pollux, Qiao et al., OSDI 2021) is the training progress per second:
 
     goodput(M) = throughput(M) x efficiency(M)
 
-* **Efficiency** from the live noise scale B (``largebatch.noise_scale``, B_simple) and the
+* **Efficiency** from the live noise scale B (``largebatch.noise.scale``, B_simple) and the
   empirical model of McCandlish et al. 2018: reaching a loss takes E(M) = E_min (1 + M / B)
   samples at batch M, so a sample at batch M is worth E(M0) / E(M) = (B + M0) / (B + M) of a
   sample at the initial batch M0 (the LR following ``optim.scale_rule``). B is read from the

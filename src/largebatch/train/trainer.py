@@ -20,13 +20,13 @@ from largebatch.config import Config
 from largebatch.data.loaders import Batch, BatchLoader
 from largebatch.engines.base import Engine
 from largebatch.metrics import MetricsLogger
-from largebatch.noise_scale import NoiseScaleMonitor
+from largebatch.noise.scale import NoiseScaleMonitor
 from largebatch.optim.schedules import LRSchedule
 from largebatch.plan import BatchPlan
-from largebatch.run_state import RunState, Timer, map_resharded_position
-from largebatch.plateau import grow_batch, plateau_metric
+from largebatch.train.state import RunState, Timer, map_resharded_position
+from largebatch.policies.plateau import grow_batch, plateau_metric
 from largebatch.tasks.base import Task
-from largebatch.tune.goodput import adapt_batch, build_adapter, recut_epoch
+from largebatch.policies.goodput import adapt_batch, build_adapter, recut_epoch
 
 
 class Trainer:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the run, test, restore, write the outputs (rank 0) and print the suggestions."""
     from largebatch.config import load_config
     from largebatch.dist import destroy_process_group
-    from largebatch.run import build_run
+    from largebatch.train.build import build_run
     from largebatch.tune.lr_find import (check_args, format_summary, lr_find, train_overrides,
                                          write_outputs)
     check_args(args.min_lr, args.max_lr, args.steps)  # before any data is read

@@ -137,7 +137,7 @@ class BatchConfig:
                                  "a trial step's peak may reach (safety margin).", 0.9)
     adapt: str = doc("'none' or 'goodput': every batch.adapt_every_steps steps, choose the "
                      "global batch that maximises throughput x statistical efficiency from the "
-                     "live noise scale (largebatch.tune.goodput); the LR follows "
+                     "live noise scale (largebatch.policies.goodput); the LR follows "
                      "optim.scale_rule.", "none")
     adapt_every_steps: int = doc("batch.adapt=goodput: optimizer steps between decisions (and "
                                  "at every epoch start).", 50)

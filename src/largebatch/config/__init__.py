@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from largebatch.config_io import (ConfigError, deep_merge, from_dict, get_key,
+from largebatch.config.io import (ConfigError, deep_merge, from_dict, get_key,
                                   merge_overrides, parse_override, read_yaml, to_dict)
-from largebatch.config_io import describe as _describe
-from largebatch.config_sections import (  # noqa: F401 (re-exported: import sections from here)
+from largebatch.config.io import describe as _describe
+from largebatch.config.sections import (  # noqa: F401 (re-exported: import sections from here)
     doc, DataConfig, TaskConfig, FaceConfig, ModelConfig, BatchConfig, OptimConfig,
     PlateauConfig, ScheduleConfig, TrainConfig, EngineConfig, WandbConfig, LogConfig,
     CheckpointConfig, ArmConfig, StudyConfig, Config)

@@ -21,7 +21,7 @@ import torch
 from largebatch.config import ConfigError
 
 if TYPE_CHECKING:  # the engine imports this module
-    from largebatch.engines.deepspeed import DeepSpeedEngine
+    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
 
 # DeepSpeed engine counters (its step/sample/skip bookkeeping), restored for fidelity.
 _DS_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")

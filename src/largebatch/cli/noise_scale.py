@@ -1,9 +1,9 @@
 """``largebatch noise-scale CONFIG``: measure the gradient noise scale, advise a global batch.
 
-Runs the real training (``largebatch.run.train``) for ``--steps`` optimizer steps with
+Runs the real training (``largebatch.train.build.train``) for ``--steps`` optimizer steps with
 ``train.noise_scale=true`` in a temporary output directory, reads the per-step estimates
 from its metrics, and prints what the empirical model of large-batch training predicts
-(``largebatch.noise_advice``).
+(``largebatch.noise.advice``).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def measurement_overrides(cfg: Config, steps: int, world_size: int, out_dir: str
                           ) -> tuple[list[str], Optional[str]]:
     """The overrides that turn the user's config into the measuring run, and the one line
     saying the window was split (None when it was not)."""
-    from largebatch.run import plan_for
+    from largebatch.train.build import plan_for
     plan = plan_for(cfg, world_size)
     # Enough epochs for the steps; max_steps is what stops the run.
     epochs = max(cfg.train.epochs, math.ceil(steps / plan.steps_per_epoch))
@@ -101,8 +101,8 @@ def read_train_records(out_dir: Path) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     """Measure, then print the advice (rank 0). Returns the exit code."""
     from largebatch.dist import destroy_process_group, detect_launch
-    from largebatch.noise_advice import advise, check_steps, render, summarize
-    from largebatch.run import plan_for, train
+    from largebatch.noise.advice import advise, check_steps, render, summarize
+    from largebatch.train.build import plan_for, train
     check_steps(args.steps)
     cfg = load_config(args.config, args.overrides)
     denv = detect_launch()
@@ -158,5 +158,5 @@ def with_found_lr(configured: BatchPlan, summary: dict[str, Any]) -> BatchPlan:
 
 def run_cfg_plan(cfg: Config, world_size: int) -> dict[str, Any]:
     """The measuring run's plan as JSON (what was measured with)."""
-    from largebatch.run import plan_for
+    from largebatch.train.build import plan_for
     return plan_for(cfg, world_size).to_json()

@@ -109,15 +109,15 @@ def _parser() -> argparse.ArgumentParser:
 #: ``run``): name -> module with ``HELP``, optional ``EXAMPLES``, ``add_arguments(parser)``
 #: and ``run(args) -> exit code``; a ConfigError they raise is a one-line error, exit 2.
 COMMAND_MODULES: dict[str, str] = {
-    "lr-find": "largebatch.lr_find_cli",
+    "lr-find": "largebatch.cli.lr_find",
     "plot": "largebatch.plot",
-    "noise-scale": "largebatch.noise_scale_cli",
+    "noise-scale": "largebatch.cli.noise_scale",
 }
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from largebatch.dist import detect_launch
-    from largebatch.run import plan_for
+    from largebatch.train.build import plan_for
     cfg = load_config(args.config, args.overrides)
     world = args.world_size if args.world_size is not None else detect_launch().world_size
     plan = plan_for(cfg, world)
@@ -134,7 +134,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from largebatch.checkpoint import run_status
-    from largebatch.run import checkpoint_dir
+    from largebatch.train.build import checkpoint_dir
     cfg = load_config(args.config, args.overrides)
     directory = checkpoint_dir(cfg)
     status = {**run_status(directory), "dir": str(directory)}
@@ -148,7 +148,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from largebatch.dist import destroy_process_group
-    from largebatch.run import train
+    from largebatch.train.build import train
     cfg = load_config(args.config, args.overrides)
     train(cfg)
     destroy_process_group()
@@ -164,7 +164,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     from largebatch.config import Config, _CHOICES  # read-only: the allowed values per key
-    from largebatch.config_io import key_rows
+    from largebatch.config.io import key_rows
     rows = [r for r in key_rows(Config) if r.key.startswith(args.prefix)]
     if not rows:
         raise ConfigError(f"no config key starts with {args.prefix!r} (see `largebatch keys`)")
@@ -175,7 +175,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def render_keys(rows: list, choices: dict, width: int = 100) -> str:
     """The key reference as a table grouped by section; each key's doc wrapped beneath it."""
-    from largebatch.config_io import format_value
+    from largebatch.config.io import format_value
     cells = [(r.key, r.type, format_value(r.default), ", ".join(map(str, choices.get(r.key, ()))))
              for r in rows]
     key_w = max(len(c[0]) for c in cells)

@@ -1,0 +1,1 @@
+"""DeepSpeed behind the ``Engine`` interface: the engine, its config and its state."""

@@ -1,0 +1,1 @@
+"""The gradient noise scale: live estimate (``scale``) and batch advice (``advice``)."""
