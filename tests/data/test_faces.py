@@ -1,8 +1,10 @@
 """``synthetic_faces``: layout-independent samples, the long tail, held-out pairs, augmentation.
 
 References are independent of the module's formulas: the single-process epoch (for the rank
-shards), Python ``math`` (class sizes), plain slicing of a replicate-padded image (shifts),
-``torch.flip`` (flips) and a least-squares fit (colour jitter).
+shards), each sample rendered alone in a fresh loader (for every batch shape, order, world size
+and thread count), the docstring's closed form in float64 (prototypes), Python ``math`` (class
+sizes), plain slicing of a replicate-padded image (shifts), ``torch.flip`` (flips) and a
+least-squares fit (colour jitter).
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from largebatch.config import ConfigError, load_config
-from largebatch.data.faces import (PairLoader, SyntheticFaceLoader, decoder, latents, pair_ids,
-                                   render, train_size, verification_pairs)
+from largebatch.data.faces import (PairLoader, PrototypeCache, SyntheticFaceLoader, decoder,
+                                   latents, pair_ids, render, train_size, verification_pairs)
+from largebatch.data.loaders import shard_indices
 from tests.conftest import CONFIGS
 
 TINY = CONFIGS / "face" / "synthetic_tiny.yaml"
@@ -53,6 +56,103 @@ def test_rank_shards_interleave_to_the_single_process_epoch():
         x = torch.stack([s[0] for s in shards], 1).flatten(0, 1)
         y = torch.stack([s[1] for s in shards], 1).flatten(0, 1)
         assert torch.equal(x, x1) and torch.equal(y, y1), (world, micro)
+
+
+def alone(cfg, index: int, ep: int = 0) -> torch.Tensor:
+    """Sample ``index`` rendered by itself: a batch of one, in a fresh loader (empty cache)."""
+    loader = SyntheticFaceLoader(cfg, 1, 0, 1, seed=5, device="cpu")
+    loader.set_epoch(ep)
+    return loader.sample(torch.tensor([index]))[0][0]
+
+
+@pytest.mark.parametrize("size", [7, 8])  # 3 * 7 * 7 = 147: SIMD tails in every row
+def test_a_sample_is_the_same_in_every_batch_shape_order_and_layout(size):
+    cfg = cfg_of(f"face.image_size={size}", "face.shift=2")
+    n = train_size(cfg)
+    for ep in (0, 1):
+        ref = torch.stack([alone(cfg, i, ep) for i in range(n)])
+        assert len({r.numpy().tobytes() for r in ref}) == n  # distinct samples: a real check
+        # the same indices in batches of many shapes and in shuffled orders; a warm cache
+        # (prototypes reused across batches) and a one-identity cache (each batch re-rendered)
+        warm = SyntheticFaceLoader(cfg, 1, 0, 1, seed=5, device="cpu")
+        cold = SyntheticFaceLoader(cfg, 1, 0, 1, seed=5, device="cpu")
+        cold.prototypes = PrototypeCache(cfg.face.latent_dim, size, max_bytes=1)
+        assert cold.prototypes.capacity == 1
+        gen = torch.Generator().manual_seed(ep)
+        for loader in (warm, cold):
+            loader.set_epoch(ep)
+            for bs in (1, 2, 3, 7, 13, 64, n):
+                order = torch.randperm(n, generator=gen)
+                for start in range(0, n, bs):
+                    index = order[start:start + bs]
+                    x, _ = loader.sample(index)
+                    for i, img in zip(index.tolist(), x):
+                        assert torch.equal(img, ref[i]), (size, ep, bs, i)
+            # repeats of one index inside a batch (the padding of a sharded epoch does that)
+            index = torch.tensor([3, 3, 100, 3, 0, 100])
+            x, _ = loader.sample(index)
+            assert all(torch.equal(img, ref[i]) for i, img in zip(index.tolist(), x))
+        # the real loaders: rank shards of several world sizes and micro sizes (world 3 pads
+        # 130 to 132 by repeating samples), each yielded row against its index's sample alone
+        for world, micro in ((1, 1), (1, 130), (2, 7), (3, 64), (5, 4), (4, 13)):
+            for rank in range(world):
+                loader = SyntheticFaceLoader(cfg, micro, rank, world, seed=5, device="cpu")
+                loader.set_epoch(ep)
+                index = shard_indices(n, rank, world, 5, ep, True, cfg.data.drop_last)
+                x = torch.cat([xb for xb, _ in loader])
+                assert len(x) == len(index)
+                for i, img in zip(index.tolist(), x):
+                    assert torch.equal(img, ref[i]), (size, ep, world, micro, rank, i)
+
+
+def test_prototypes_do_not_depend_on_the_thread_count():
+    """torchrun sets OMP_NUM_THREADS=1 for several ranks; one process uses every core. At 112 x
+    112 a field (37,632 values) is past ATen's grain size, so a torch reduction or a ``tanh``
+    over it would be split across threads; the dataset must not change with that."""
+    threads = torch.get_num_threads()
+    ids = torch.tensor([0, 5, 299, 301])
+    got = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            template, basis = decoder(16, 112)
+            got.append((template, basis, render(latents(ids, 16), template, basis),
+                        PrototypeCache(16, 112)(ids.flip(0))))
+    finally:
+        torch.set_num_threads(threads)
+    (t1, b1, r1, c1), (t3, b3, r3, c3) = got
+    assert torch.equal(t1, t3) and torch.equal(b1, b3)
+    assert torch.equal(r1, r3) and torch.equal(c1, c3) and torch.equal(c1, r1.flip(0))
+
+
+def test_prototypes_match_the_closed_form_in_float64():
+    """``tanh(T + GAIN * sum_j z_j B_j / sqrt(k))`` with GAIN = 1.5, recomputed in float64 from
+    the same float32 inputs. Bound: ``k`` products, ``k - 1`` sums, one scaling and one template
+    sum in float32, each within ``u = 2^-24`` relative of its operands' magnitudes, so the
+    pre-activation is within ``(k + 2) u (|T| + s sum_j |z_j B_j|)`` (to first order); tanh is
+    1-Lipschitz and adds its own few ulps (|tanh| <= 1): ``+ 4u``."""
+    clean = ("face.noise=0", "face.jitter=0", "face.flip=false", "face.shift=0")
+    for size in (7, 16):
+        cfg = cfg_of(f"face.image_size={size}", *clean)
+        k = cfg.face.latent_dim
+        template, basis = (t.double() for t in decoder(k, size))
+        # the decoder's fields have unit RMS
+        rms = basis.pow(2).mean(1).sqrt()
+        assert torch.allclose(rms, torch.ones(k, dtype=torch.float64), atol=1e-6)
+        assert abs(float(template.pow(2).mean().sqrt()) - 1) < 1e-6
+        loader = SyntheticFaceLoader(cfg, 64, 0, 1, seed=5, device="cpu")
+        index = torch.tensor([0, 11, 12, 57, 129])
+        x, y = loader.sample(index)  # clean: the samples are their prototypes
+        z = latents(y, k).double()
+        s = 1.5 / math.sqrt(k)
+        expect = torch.tanh(template.flatten() + s * z @ basis).view_as(x)
+        u = 2.0 ** -24
+        bound = (k + 2) * u * (template.flatten().abs() + s * z.abs() @ basis.abs()) + 4 * u
+        err = (x.double() - expect).abs()
+        assert (err <= bound.view_as(x)).all(), float((err - bound.view_as(x)).max())
+        # and the bound is tight enough to see a wrong formula (another GAIN: 1.4 instead)
+        wrong = torch.tanh(template.flatten() + 1.4 / math.sqrt(k) * z @ basis).view_as(x)
+        assert float((x.double() - wrong).abs().max()) > 100 * float(bound.max())
 
 
 def test_class_sizes_follow_the_configured_long_tail():

@@ -17,9 +17,30 @@ held-out ones (as a face model trained on some people verifies others):
   ``face.shift`` pixels (edges replicated), a horizontal flip (``face.flip``), a per-channel
   colour gain ``1 +- jitter`` and bias ``+- jitter`` and Gaussian pixel noise
   (``face.noise``); all drawn from a generator seeded by ``(seed, epoch, global index)``, so a
-  sample is identical on every layout (world size, micro size) and fresh each epoch. The
-  random draws are per sample (one seeded generator each: a few microseconds); rendering and
-  augmenting are batched tensor ops, far cheaper than the model step.
+  sample is fresh each epoch. The random draws are per sample (one seeded generator each: a
+  few microseconds); augmenting is batched tensor ops, far cheaper than the model step.
+* **Layout independence, by construction.** A sample is bit-identical on every layout (world
+  size, micro-batch size, position in a batch, rank, thread count), and not by luck of one
+  CPU's kernels: a batched ``z @ B`` is not an option, since BLAS blocks the product by the
+  batch size (so a row's summation order, and its last bits, depend on the batch it is in);
+  neither is a batched ``tanh``, since ATen's vectorised loops compute the elements past the
+  last full SIMD vector (and past each thread's chunk) with another implementation, which can
+  differ in the last ulp. So every value is made by one of three kinds of operation:
+  (1) correctly rounded elementwise IEEE ops (``+ - * /``, ``sqrt``) and exact ones (gathers,
+  pads, flips, ``where``): their result is a function of their operands alone, whatever the
+  tensor shape, the position, the SIMD width or the threads; (2) calls whose shape and
+  operands never change and that run on one thread: ``tanh`` of one identity's pre-activation
+  in chunks of ``_TANH_CHUNK`` elements (fewer than ATen's CPU grain sizes, so never split
+  across threads), the bilinear upsampling of one decoder plane (12,544 values at 112 x 112),
+  each per-sample generator's draws (serial by nature); (3) ``math.fsum`` (exact, rounded
+  once) for the decoder's RMS. Hence ``render`` forms ``sum_j z_cj B_j`` as a fixed-order sum
+  (``j = 0, 1, ...``) of elementwise products, so row ``c`` of any batch equals identity ``c``
+  rendered alone; prototypes are cached by id (``PrototypeCache``: the cache changes speed,
+  never values); and a batch is then gathers and elementwise ops. (The decoder used to
+  normalise by a torch ``mean``, which at 112 x 112 is split across threads: the whole dataset
+  depended on ``OMP_NUM_THREADS``, which ``torchrun`` sets to 1, i.e. on the world size.)
+  Different CPUs (another SIMD width, another libm) may still differ in the last ulp of
+  ``tanh`` or of the Gaussian draws; the layouts of one machine never do.
 * **Long tail.** Identity ``c`` has ``n_c = max(face.min_samples_per_class,
   floor(samples_per_class * (c + 1)^-long_tail + 1/2))`` samples (``long_tail = 0``: uniform,
   ``samples_per_class`` each, the floor unused);
@@ -38,6 +59,7 @@ rank's scores into one global vector.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
@@ -57,6 +79,14 @@ _GAIN = 1.5
 _ASYMMETRY = 0.3
 #: Draws of uniforms per sample: dy, dx, flip, 3 gains, 3 biases.
 _NUM_UNIFORM = 9
+#: Elements per ``tanh`` call: at most every ATen CPU grain size (32768 for plain kernels, 2048
+#: for the VML-backed unary ones), so each call runs on one thread in one fixed pass.
+_TANH_CHUNK = 1024
+#: Elements per block of the elementwise latent mix (rows x pixels): a cache-sized working set.
+_MIX_BLOCK = 2 ** 18
+#: Bytes of prototypes a ``PrototypeCache`` keeps, the least recently used evicted: every
+#: identity of a 10^5-identity set at 16 x 16 (3 KiB each), ~3,600 at 112 x 112 (147 KiB).
+_CACHE_BYTES = 512 * 2 ** 20
 
 
 def _check(cfg: Config) -> None:
@@ -106,13 +136,27 @@ def latents(ids: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+def _unit_rms(fields: torch.Tensor) -> torch.Tensor:
+    """Each of ``fields (count, ...)`` divided by its RMS. The sum of squares is ``math.fsum``'s
+    (float32 squares are exact in float64; fsum is exact, then rounded once): one number, not
+    a torch reduction whose blocking follows the thread count."""
+    out = torch.empty_like(fields)
+    for i, field in enumerate(fields):
+        mean_sq = math.fsum(v * v for v in field.flatten().tolist()) / field.numel()
+        out[i] = field / max(math.sqrt(mean_sq), 1e-6)
+    return out
+
+
 def _smooth_fields(count: int, res: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """``(count, 3, size, size)`` random ``res x res`` fields, upsampled, nearly mirror
-    symmetric (as faces are: a flip is then a mild nuisance, not another identity), unit RMS."""
+    symmetric (as faces are: a flip is then a mild nuisance, not another identity), unit RMS.
+    Each plane is upsampled alone (a fixed shape, fewer elements than a grain: one thread)."""
     low = torch.randn(count, 3, res, res, generator=gen)
-    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    up = torch.cat([F.interpolate(plane[None, None], size=(size, size), mode="bilinear",
+                                  align_corners=False)
+                    for plane in low.flatten(0, 1)]).view(count, 3, size, size)
     up = (up + up.flip(-1)) / 2 + _ASYMMETRY * (up - up.flip(-1)) / 2
-    return up / up.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+    return _unit_rms(up)
 
 
 def decoder(latent_dim: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +171,59 @@ def decoder(latent_dim: int, image_size: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def render(z: torch.Tensor, template: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Prototype images ``(n, 3, H, W)`` of latent codes ``z (n, k)``."""
-    mix = (z @ basis) * (_GAIN / math.sqrt(z.shape[1]))
-    return torch.tanh(template + mix.view(-1, *template.shape))
+    """Prototype images ``(n, 3, H, W)`` of latent codes ``z (n, k)``:
+    ``tanh(T + GAIN * sum_j z_ij B_j / sqrt(k))``, row ``i`` a function of ``z[i]`` alone
+    (bit for bit whatever the batch, its order or the threads; see the module docstring): the
+    sum is accumulated elementwise in the fixed order ``j = 0 .. k - 1`` (each product and each
+    partial sum correctly rounded: no BLAS blocking), and ``tanh`` runs on each row alone, in
+    fixed single-threaded chunks."""
+    n, k = z.shape
+    d = basis.shape[1]
+    scale = _GAIN / math.sqrt(k)
+    flat_template = template.reshape(-1)
+    out = torch.empty(n, d, dtype=torch.result_type(z, basis))
+    rows = max(1, _MIX_BLOCK // d)
+    for start in range(0, n, rows):
+        zb = z[start:start + rows]
+        mix = basis[0] * zb[:, :1]
+        for j in range(1, k):
+            mix = mix + basis[j] * zb[:, j:j + 1]
+        out[start:start + rows] = flat_template + mix * scale
+    for columns in out.split(_TANH_CHUNK, dim=1):
+        for piece in columns.unbind():  # one row's chunk: contiguous, always the same shape
+            piece.tanh_()
+    return out.view(n, *template.shape)
+
+
+class PrototypeCache:
+    """Identity prototypes by id, each rendered alone from its id-seeded latent and kept (least
+    recently used evicted past ``max_bytes``): a batch's prototypes are then a gather. Values
+    never depend on the cache's state, only the time to produce them does."""
+
+    def __init__(self, latent_dim: int, image_size: int, max_bytes: int = _CACHE_BYTES) -> None:
+        self.latent_dim = latent_dim
+        self.template, self.basis = decoder(latent_dim, image_size)
+        per_id = self.template.numel() * self.template.element_size()
+        self.capacity = max(1, max_bytes // per_id)
+        self._lru: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(len(ids), 3, H, W)`` prototypes of identities ``ids``."""
+        keys = torch.unique(ids).tolist()
+        missing = [c for c in keys if c not in self._lru]
+        found = {c: self._lru[c] for c in keys if c in self._lru}
+        for c in found:
+            self._lru.move_to_end(c)
+        if missing:
+            new = render(latents(torch.tensor(missing), self.latent_dim), self.template,
+                         self.basis)
+            for c, proto in zip(missing, new):
+                found[c] = self._lru[c] = proto.clone()  # not a view pinning the whole batch
+            while len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+        if len(ids) == 0:
+            return torch.empty(0, *self.template.shape, dtype=self.template.dtype)
+        return torch.stack([found[c] for c in ids.tolist()])
 
 
 def _draws(keys: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +281,7 @@ class SyntheticFaceLoader:
         self.cum = class_counts(cfg).cumsum(0)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.drop_last, self.device, self.epoch = cfg.data.drop_last, device, 0
-        f = cfg.face
-        self.z = latents(torch.arange(f.num_classes), f.latent_dim)
-        self.template, self.basis = decoder(f.latent_dim, f.image_size)
+        self.prototypes = PrototypeCache(cfg.face.latent_dim, cfg.face.image_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the permutation and the augmentation draws of ``epoch`` (same on all ranks)."""
@@ -211,7 +303,7 @@ class SyntheticFaceLoader:
         """Images and labels of global sample ``index`` for the current epoch."""
         labels = self.labels(index)
         keys = [(self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i) for i in index]
-        x = augment(render(self.z[labels], self.template, self.basis), keys, self.cfg)
+        x = augment(self.prototypes(labels), keys, self.cfg)
         return x.to(self.device), labels.to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -238,8 +330,7 @@ def verification_pairs(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     _check(cfg)
     f = cfg.face
     ids, same = pair_ids(cfg)
-    z = latents(torch.arange(f.eval_identities) + f.num_classes, f.latent_dim)
-    protos = render(z[(ids - f.num_classes).flatten()], *decoder(f.latent_dim, f.image_size))
+    protos = PrototypeCache(f.latent_dim, f.image_size)(ids.flatten())
     keys = [_EVAL_SEED * 7_919 + k for k in range(2 * len(same))]
     return augment(protos, keys, cfg).view(len(same), 2, *protos.shape[1:]), same
 
