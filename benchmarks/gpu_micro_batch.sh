@@ -54,7 +54,9 @@ from torch import nn
 from largebatch.config import load_config
 from largebatch.models.mnist import MLP
 from largebatch.models.iresnet import iresnet
+from largebatch.plan import micro_candidates
 from largebatch.tune import micro_batch as mb
+from largebatch.tune.step_memory import cuda_trial
 
 dev = torch.device("cuda")
 gpu = torch.cuda.get_device_name(dev)
@@ -70,8 +72,8 @@ def search(name, model, shape, classes, global_size, precision, loss):
                              f"log.out_dir={tempfile.mkdtemp()}"])
     limit = mb.memory_limit(cfg, dev)
     start = time.perf_counter()
-    found, peaks = mb.run_search(mb.candidates(global_size, 1),
-                                 mb.cuda_trial(model, opt, loss, x, y, precision, limit))
+    found, peaks = mb.run_search(micro_candidates(global_size, 1),
+                                 cuda_trial(model, opt, loss, x, y, precision, limit))
     secs = time.perf_counter() - start
     row = {"gpu": gpu, "model": name, "precision": precision, "per_rank_batch": global_size,
            "micro_size": found, "peak_gib": round(peaks[found] / 2**30, 2),

@@ -30,7 +30,7 @@ from largebatch.config import ConfigError
 from tests.conftest import (assert_same_weights, cli_env, free_port, model_weights, REPO, run_cli,
                           run_torchrun)
 
-# ---- a stand-in trainer: the checkpointer only needs state_dict / load_state_dict / state.step
+# ---- a stand-in run part: the checkpointer only needs state_dict / load_state_dict
 
 
 class FakeTrainer:
@@ -45,12 +45,30 @@ class FakeTrainer:
         self.w = self.w + torch.randn(5)
 
     def state_dict(self) -> dict:
-        return {"run": {"step": self.state.step, "epoch": 0, "consumed": self.state.step},
-                "plan": {"global_size": 8}, "engine": {"model": {"w": self.w.clone()}}}
+        return {"step": self.state.step, "w": self.w.clone()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.state.step = sd["run"]["step"]
-        self.w = sd["engine"]["model"]["w"]
+        self.state.step = sd["step"]
+        self.w = sd["w"]
+
+
+def _save(ck: Checkpointer, trainer: FakeTrainer) -> None:
+    """Save ``trainer`` as the checkpointer's one part, at its step."""
+    _bind(ck, trainer)
+    ck.save(trainer.state.step, {"epoch": 0, "consumed": trainer.state.step,
+                                 "plan": {"global_size": 8}})
+
+
+def _load(ck: Checkpointer, trainer: FakeTrainer, found) -> None:
+    _bind(ck, trainer)
+    ck.load(found)
+
+
+def _bind(ck: Checkpointer, trainer: FakeTrainer) -> None:
+    try:
+        ck.register("trainer", trainer)
+    except ValueError:  # registered already (the same run's part)
+        pass
 
 
 def _single(directory: Path, keep: int = 2) -> Checkpointer:
@@ -64,7 +82,7 @@ def _saved(directory: Path, steps: int, keep: int = 2) -> tuple[Checkpointer, di
     for _ in range(steps):
         trainer.advance()
         seen[trainer.state.step] = {"w": trainer.w.clone(), "next": _next_draws()}
-        ck.save(trainer)
+        _save(ck, trainer)
     return ck, seen
 
 
@@ -83,7 +101,7 @@ def test_set_layout_and_manifest_checksums(tmp_path):
     for _ in range(120):
         trainer.advance()
     ck = _single(tmp_path)
-    ck.save(trainer)
+    _save(ck, trainer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000120"]  # no temp left over
     s = tmp_path / "step-000120"
     assert sorted(p.name for p in s.iterdir()) == ["manifest.json", "rank-00000.pt", "trainer.pt"]
@@ -95,7 +113,7 @@ def test_set_layout_and_manifest_checksums(tmp_path):
         assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(),
                                            "bytes": len(data)}
     saved = torch.load(s / "trainer.pt", weights_only=True)
-    assert torch.equal(saved["engine"]["model"]["w"], trainer.w)
+    assert torch.equal(saved["trainer"]["w"], trainer.w)
     rng = torch.load(s / "rank-00000.pt", weights_only=True)["rng"]
     assert torch.equal(rng["torch"], torch.get_rng_state()) and rng["python"] == random.getstate()
 
@@ -140,7 +158,7 @@ def _arm_kill(kill: str, rank: int) -> None:
             with open(path, "wb") as fh:
                 fh.write(data[:len(data) // 2])
             die()
-        ckmod._write_durable = half_write
+        ckmod.write_durable = half_write
     elif kill == "rank0_before_rename" and rank == 0:
         real = os.rename
 
@@ -172,10 +190,10 @@ def _rank_main(rank: int, world: int, port: int, directory: str, kill: str, phas
             (out / f"seen-r{rank}-s{trainer.state.step}.json").write_text(json.dumps(record))
             if trainer.state.step == 4:
                 _arm_kill(kill, rank)
-            ck.save(trainer)
+            _save(ck, trainer)
     else:
         found = ck.find("auto")
-        ck.load(trainer, found)
+        _load(ck, trainer, found)
         got = {"step": trainer.state.step, "w": trainer.w.tolist(), "next": _next_draws()}
         (out / f"resumed-r{rank}.json").write_text(json.dumps(got))
     dist.destroy_process_group()
@@ -232,7 +250,7 @@ def test_corrupt_newest_set_is_named_and_the_previous_one_used(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step-000003" in err[0] and culprit in err[0], err
     trainer = FakeTrainer()
-    ck.load(trainer, found)
+    _load(ck, trainer, found)
     assert trainer.state.step == 2 and torch.equal(trainer.w, seen[2]["w"])
     assert _next_draws() == seen[2]["next"]
     # Nothing deleted: the bad set is renamed out of the way, its files kept for inspection.
@@ -276,7 +294,7 @@ def test_hostile_pickle_is_refused_naming_the_file_and_never_runs(tmp_path, name
     ck = _single(tmp_path / "ck")
     found = ck.find("auto")  # checksums match: only the load can tell
     with pytest.raises(ConfigError) as exc:
-        ck.load(FakeTrainer(), found)
+        _load(ck, FakeTrainer(), found)
     assert str(set_dir / name) in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="refused"):
         load_checkpoint(set_dir / name)
@@ -357,9 +375,9 @@ def _check_preempted_set(out: Path, world: int) -> int:
     step = summary["steps"]
     newest = list_sets(out / "checkpoints")[-1]
     assert newest.name == f"step-{step:06d}"
-    manifest = verify_set(newest.path)
-    assert manifest["world_size"] == world and manifest["step"] == step
-    assert set(manifest["files"]) == {"trainer.pt", *(rank_file(r) for r in range(world))}
+    info = verify_set(newest.path)
+    assert info.world_size == world and info.step == step
+    assert set(info.files) == {"trainer.pt", *(rank_file(r) for r in range(world))}
     assert not (out / "checkpoints" / "done.json").exists()
     return step
 
@@ -454,11 +472,11 @@ def test_path_seeds_a_fresh_directory_then_auto_continues_there(tmp_path):
     found = mine.find(str(src))
     assert found.path == src  # an explicit set, not the newest of its directory
     trainer = FakeTrainer()
-    mine.load(trainer, found)
+    _load(mine, trainer, found)
     assert torch.equal(trainer.w, seen[2]["w"])
     assert mine.find(str(tmp_path / "old")).step == 3  # a directory: its newest set
     trainer.advance()
-    mine.save(trainer)  # the run's own first set: from now on PATH is not looked at
+    _save(mine, trainer)  # the run's own first set: from now on PATH is not looked at
     assert mine.find(str(src)).path == tmp_path / "new" / "step-000003"
     with pytest.raises(ConfigError, match="no such checkpoint set or directory"):
         _single(tmp_path / "other").find(str(tmp_path / "nope"))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from largebatch.cli import main
-from largebatch.config import _CHOICES, Config
-from largebatch.config.io import key_rows
+from largebatch.config import Config, choices
+from largebatch.config.keys import key_rows
 from tests.conftest import CONFIGS, REPO, cli_env
 
 MLP = str(CONFIGS / "mnist" / "mlp.yaml")
@@ -36,7 +36,7 @@ def _override_cases() -> list[tuple[list[str], str]]:
     cases += [([f"{k}=1.5"], k) for k in INTS]                             # a fraction for an int
     cases += [([f"{k}={v}"], k) for k in FLOATS for v in (".nan", "nan")]  # NaN
     cases += [([f"{k}=abc"], k) for k in LISTS]                            # not a list
-    cases += [([f"{k}=bogus"], k) for k in _CHOICES]                       # not a choice
+    cases += [([f"{k}=bogus"], k) for k in choices()]                       # not a choice
     cases += [([f"{s}.no_such_key=1"], f"{s}.no_such_key") for s in SECTIONS]  # unknown key
     cases += [(["nosection.lr=1"], "nosection"), (["optimiser.lr=0.1"], "optimiser")]
     bad_values = {

@@ -9,9 +9,8 @@ import pytest
 
 from largebatch.config import ConfigError, load_config
 from largebatch.noise.advice import (NoiseEstimate, advise, candidate_batches, critical_batch,
-                                     recommended_batch, replan, samples_ratio, steps_ratio,
-                                     summarize)
-from largebatch.plan import make_plan
+                                     recommended_batch, samples_ratio, steps_ratio, summarize)
+from largebatch.plan import make_plan, noise_split
 from tests.conftest import CONFIGS, run_cli
 
 SEED = CONFIGS / "mnist" / "seed.yaml"
@@ -60,16 +59,16 @@ def test_recommended_batch_rounds_in_log_space_to_a_multiple_of_micro_times_worl
 def test_lr_at_another_batch_follows_the_scaling_rule(rule, lr_at_240):
     # base LR 0.02 at the configured batch 60: linear x4, sqrt x2, none x1 at batch 240.
     plan = plan_of("batch.global_size=60", "batch.micro_size=60", f"optim.scale_rule={rule}")
-    at = replan(plan, 240)
+    at = plan.with_global_size(240)
     assert (at.global_size, at.micro_size, at.accum_steps) == (240, 60, 4)
     assert at.peak_lr == pytest.approx(lr_at_240)
     # With an explicit base batch the rule scales from it: linear 0.02 * 240/120 = 0.04.
     based = plan_of("batch.global_size=60", "batch.micro_size=60", f"optim.scale_rule={rule}",
                     "optim.base_batch=120")
-    assert replan(based, 240).peak_lr == pytest.approx({"linear": 0.04, "sqrt": 0.02 * 2 ** 0.5,
-                                                        "none": 0.02}[rule])
+    assert based.with_global_size(240).peak_lr == pytest.approx(
+        {"linear": 0.04, "sqrt": 0.02 * 2 ** 0.5, "none": 0.02}[rule])
     with pytest.raises(ConfigError, match="not divisible"):
-        replan(plan, 250)
+        plan.with_global_size(250)
 
 
 def test_summarize_takes_the_median_and_iqr_of_the_second_half():
@@ -78,6 +77,10 @@ def test_summarize_takes_the_median_and_iqr_of_the_second_half():
     est = summarize(values)
     assert (est.value, est.low, est.high, est.count) == (6.0, 5.5, 7.0, 3)
     assert summarize([None, None, -2.0, math.inf]) is None
+    # metrics.jsonl writes non-finite numbers as strings: they are dropped like the floats.
+    as_written = [None, 100.0, 100.0, 100.0, 100.0, 5.0, "nan", 6.0, "-inf", 8.0]
+    assert summarize(as_written) == est
+    assert summarize([None, None, "inf", "nan"]) is None
 
 
 def test_advice_table_and_recommended_lr_match_a_plan_built_at_that_batch():
@@ -100,6 +103,31 @@ def test_advice_table_and_recommended_lr_match_a_plan_built_at_that_batch():
     assert [r["global_size"] for r in adv["table"]] == [60, 240, 480, 960, 1920]
     assert candidate_batches(500.0, plan, 480) == [60, 240, 480, 960, 1920]
     assert adv["critical_batch"] == 500.0
+
+
+@pytest.mark.parametrize("global_size, world, split", [
+    (240, 1, (120, 2)), (60, 1, (30, 2)), (15, 1, (5, 3)), (7, 1, (1, 7)), (1, 1, None),
+    (240, 2, None),  # under DDP the ranks' windows are the small batches: nothing to split
+])
+def test_measurement_splits_a_one_micro_batch_window_as_the_plan_does(tmp_path, global_size,
+                                                                     world, split):
+    """The CLI's measuring run uses the plan's one rule (``plan.noise_split``), the study's."""
+    from largebatch.cli.noise_scale import measurement_overrides
+    micro = global_size // world
+    cfg = load_config(SEED, [f"batch.global_size={global_size}", f"batch.micro_size={micro}",
+                             "data.download=false"])
+    if world == 1 and split is None:
+        with pytest.raises(ConfigError, match="batch.global_size=1 on one process"):
+            measurement_overrides(cfg, 10, world, str(tmp_path))
+        return
+    extra, note = measurement_overrides(cfg, 10, world, str(tmp_path))
+    if split is None:
+        assert note is None and not any(e.startswith("batch.") for e in extra)
+        return
+    assert split == noise_split(global_size, world)
+    assert extra[-3:] == [f"batch.global_size={global_size}", f"batch.micro_size={split[0]}",
+                          f"batch.accum_steps={split[1]}"]
+    assert f"micro {split[0]} x accum {split[1]} (global {global_size} unchanged)" in note
 
 
 def test_cli_bad_steps_is_one_line_and_exit_2():
@@ -143,8 +171,9 @@ def test_cli_splits_a_one_micro_batch_window_and_says_so(mnist_root):
     assert proc.returncode == 0, proc
     out = json.loads(proc.stdout)
     assert out["split_window"] is True
-    assert out["measured_with"] == {"global_size": 240, "micro_size": 60, "accum_steps": 4,
+    # The plan's split (the study's): 240's smallest prime factor 2 -> micro 120 x accum 2.
+    assert out["measured_with"] == {"global_size": 240, "micro_size": 120, "accum_steps": 2,
                                     "world_size": 1}
-    assert "micro 60 x accum 4 (global 240 unchanged)" in proc.stderr
+    assert "micro 120 x accum 2 (global 240 unchanged)" in proc.stderr
     # The advice keeps the configured micro size: every batch is a multiple of 240.
     assert all(r["global_size"] % 240 == 0 for r in out["table"])

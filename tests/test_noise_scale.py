@@ -31,9 +31,11 @@ from torch import nn
 from largebatch.config import load_config
 from largebatch.engines import build_engine
 from largebatch.metrics import MetricsLogger
+from largebatch.noise.scale import NoiseScaleMonitor
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import build_schedule
 from largebatch.plan import make_plan
+from largebatch.policies.base import Policies
 from largebatch.train.build import setup_runtime
 from largebatch.tasks.base import Metric, Task, TaskParts
 from largebatch.train.trainer import Trainer
@@ -114,14 +116,18 @@ def _fit(out: str, world: int, micro: int, accum: int, steps: int = STEPS,
     w_star = _w_star()
     loader = GaussianLoader(micro, plan.micro_batches_per_epoch, w_star, denv.rank)
     logger = MetricsLogger(cfg.log, denv.is_main, {})
-    trainer = Trainer(cfg, task, eng, schedule, plan, loader, [], logger)
-    trainer.extra_sizes = []  # the step collective's extra values, step by step
-    agree = trainer._agree_on_loss_and_stop_flags
+    noise_monitor = NoiseScaleMonitor(eng, cfg.train.noise_scale, plan.accum_steps,
+                                      eng.describe())
+    trainer = Trainer(cfg, task, eng, schedule, plan, loader, [], logger, noise_monitor,
+                      Policies())
+    extra_sizes = []  # the step collective's extra values, step by step
+    local_values = noise_monitor.local_values
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        trainer.extra_sizes.append(len(kwargs.get("extra") or ()))
-        return agree(*args, **kwargs)
-    trainer._agree_on_loss_and_stop_flags = spy
+    def spy(samples: int) -> list[float]:
+        values = local_values(samples)
+        extra_sizes.append(len(values))
+        return values
+    noise_monitor.local_values = spy
     summary = trainer.fit()
     logger.close(summary)
     w = eng.unwrapped().weight.detach().reshape(-1).clone()
@@ -130,7 +136,7 @@ def _fit(out: str, world: int, micro: int, accum: int, steps: int = STEPS,
     records = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {"train": [r for r in records if r["kind"] == "train"], "summary": summary,
             "truth": closed_form(w - w_star, S2), "moved": float(w.norm()),
-            "extra_sizes": trainer.extra_sizes}
+            "extra_sizes": extra_sizes}
 
 
 def _ddp_fits(rank: int, world: int, out: str) -> list[dict[str, Any]]:

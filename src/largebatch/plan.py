@@ -1,7 +1,11 @@
 """The batch plan: the one place where global = micro x accum x world is computed and checked.
 
-Everything that depends on the batch — steps per epoch, the scaled learning rate, warmup in
-steps, DeepSpeed's batch fields, batch growth on plateau — derives from a ``BatchPlan``.
+Everything that depends on the batch derives from a ``BatchPlan``: steps per epoch, the windows
+of an epoch and a rank's position in it, the planned steps, the scaled learning rate, warmup in
+steps, DeepSpeed's batch fields, batch growth on plateau, resized plans (goodput, advice),
+positions mapped across world sizes, the micro sizes that keep a global batch and the split of
+a window for the noise scale. Nobody else multiplies micro, accumulation and world
+(``tests/unit/test_plan_owns_the_arithmetic.py`` fails when someone does).
 """
 from __future__ import annotations
 
@@ -62,6 +66,41 @@ def scaled_lr(base_lr: float, rule: str, global_size: int, base_batch: int) -> f
     return base_lr
 
 
+def rank_shard_size(dataset_size: int, world_size: int, drop_last: bool) -> int:
+    """Samples each rank sees per epoch, as ``DistributedSampler`` cuts them: the split padded
+    (from its start) to a multiple of the world size, or cut to one with ``drop_last``."""
+    if drop_last:
+        return dataset_size // world_size
+    return math.ceil(dataset_size / world_size)
+
+
+def micro_candidates(global_size: Optional[int], world_size: int) -> list[int]:
+    """Every micro size that keeps ``global_size`` exactly: the divisors of global / world
+    (ConfigError: no global batch, or one that the world size does not divide)."""
+    if global_size is None:
+        raise ConfigError("batch.micro_size=auto needs batch.global_size (the batch it keeps)")
+    if global_size < 1 or global_size % world_size:
+        raise ConfigError(f"batch.global_size={global_size} is not divisible by world_size "
+                          f"{world_size}: no micro size keeps it (micro x accum x world)")
+    per_rank = global_size // world_size
+    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+
+
+def noise_split(global_size: int, world_size: int) -> Optional[tuple[int, int]]:
+    """``(micro, accum)`` with which the live noise scale can measure a global batch (None:
+    a batch of 1 on one process cannot be split). Under DDP the ranks' windows are the small
+    batches (accum 1); on one process the window's micro-batches are: the fewest that divide
+    the batch, global/p x p with p its smallest prime factor, so the small batch is as large as
+    it can be. The study's convergence runs and ``largebatch noise-scale`` both use it."""
+    if world_size > 1:
+        return global_size // world_size, 1
+    if global_size < 2:
+        return None
+    p = next((k for k in range(2, math.isqrt(global_size) + 1) if global_size % k == 0),
+             global_size)
+    return global_size // p, p
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Validated batch arithmetic for one run (identical on every rank)."""
@@ -88,14 +127,12 @@ class BatchPlan:
     @property
     def samples_per_step(self) -> int:
         """Samples per full optimizer step over all ranks (= global_size)."""
-        return self.micro_size * self.accum_steps * self.world_size
+        return self.global_of(self.micro_size, self.accum_steps)
 
     @property
     def shard_size(self) -> int:
         """Training samples each rank sees per epoch (DistributedSampler semantics)."""
-        if self.drop_last:
-            return self.dataset_size // self.world_size
-        return math.ceil(self.dataset_size / self.world_size)
+        return rank_shard_size(self.dataset_size, self.world_size, self.drop_last)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -111,6 +148,128 @@ class BatchPlan:
             return self.dataset_size // self.global_size
         return math.ceil(self.micro_batches_per_epoch / self.accum_steps)
 
+    @property
+    def window_size(self) -> int:
+        """One rank's samples in a full window (micro x accum)."""
+        return self.micro_size * self.accum_steps
+
+    @property
+    def batch_unit(self) -> int:
+        """The step between valid global batches at this micro size and world (micro x world)."""
+        return self.micro_size * self.world_size
+
+    @property
+    def full_windows_per_epoch(self) -> int:
+        """Windows of the full planned size in one epoch (an epoch's short last one left out)."""
+        return min(self.micro_batches_per_epoch // self.accum_steps,
+                   self.shard_size // self.window_size)
+
+    def planned_steps(self, epochs: float, max_steps: int = 0) -> int:
+        """Optimizer steps a run of ``epochs`` takes at this plan (capped by ``max_steps``)."""
+        steps = math.ceil(epochs * self.steps_per_epoch)
+        return min(steps, max_steps) if max_steps else steps
+
+    def steps_for(self, samples: int) -> int:
+        """Full optimizer steps that see at least ``samples`` samples."""
+        return math.ceil(samples / self.global_size)
+
+    # ---- a rank's position in an epoch ------------------------------------------------------
+    def position(self, consumed: int) -> int:
+        """This rank's samples into the epoch after ``consumed`` micro-batches."""
+        return min(consumed * self.micro_size, self.shard_size)
+
+    def window(self, consumed: int, position: int,
+               max_micro_batches: Optional[int] = None) -> tuple[int, int]:
+        """This rank's next window: ``(micro-batches, samples)`` from ``consumed`` micro-batches
+        and ``position`` samples into the epoch; the epoch's last window may be short, and
+        ``max_micro_batches`` may shorten it (a policy aligning a coming micro size)."""
+        n_micro = min(self.accum_steps, self.micro_batches_per_epoch - consumed)
+        if max_micro_batches is not None:
+            n_micro = max(1, min(n_micro, max_micro_batches))
+        return n_micro, min(n_micro * self.micro_size, self.shard_size - position)
+
+    def epoch_fraction(self, consumed: int) -> float:
+        """The share of an epoch ``consumed`` micro-batches are."""
+        return consumed / max(1, self.micro_batches_per_epoch)
+
+    def aligned(self, position: int, micro_size: int) -> bool:
+        """Whether ``position`` samples into the epoch is a whole number of micro-batches of
+        ``micro_size`` (where the epoch can go on in that micro size)."""
+        return position % micro_size == 0
+
+    def micro_batches_until_aligned(self, position: int, micro_size: int) -> int:
+        """Micro-batches of this plan's size from ``position`` to the next position that is a
+        whole number of ``micro_size`` micro-batches (at least 1)."""
+        return max(1, (-position % micro_size) // self.micro_size)
+
+    def global_samples(self, window_samples: int) -> int:
+        """Samples of a step over all ranks when each rank's window holds ``window_samples``
+        (every rank's shard is the same size, so their windows are too)."""
+        return window_samples * self.world_size
+
+    def consumed_at(self, position: int) -> int:
+        """Micro-batches of this plan's size that end at ``position`` samples into the epoch."""
+        return position // self.micro_size
+
+    # ---- other plans ------------------------------------------------------------------------
+    def global_of(self, micro_size: int, accum_steps: int) -> int:
+        """The global batch of ``micro_size`` x ``accum_steps`` at this world size."""
+        return micro_size * accum_steps * self.world_size
+
+    def max_accum(self, micro_size: int, max_global: int) -> int:
+        """The largest accumulation whose global batch at ``micro_size`` is <= ``max_global``."""
+        return max_global // (micro_size * self.world_size)
+
+    def accum_for(self, global_size: int, micro_size: int) -> int:
+        """The accumulation that makes ``global_size`` from ``micro_size`` on this world
+        (``global_size`` must be a multiple of micro x world)."""
+        return global_size // (micro_size * self.world_size)
+
+    def with_micro_size(self, micro_size: int,
+                        micro_auto: Optional[dict[str, Any]] = None) -> "BatchPlan":
+        """The same global batch in micro-batches of ``micro_size`` (the accumulation follows;
+        ``micro_auto``: how ``batch.micro_size=auto`` found it)."""
+        g, m, a = resolve_batch(self.global_size, micro_size, None, self.world_size)
+        return dataclasses.replace(self, global_size=g, micro_size=m, accum_steps=a,
+                                   micro_auto=micro_auto)
+
+    def with_global_size(self, global_size: int) -> "BatchPlan":
+        """The plan at another global batch with the same micro size, world and LR rule (the
+        accumulation follows; the LR is the rule's at the plan's own base batch; warmup stays).
+
+        Raises:
+            ConfigError: ``global_size`` is not a multiple of micro x world.
+        """
+        g, m, a = resolve_batch(global_size, self.micro_size, None, self.world_size)
+        return dataclasses.replace(self, global_size=g, micro_size=m, accum_steps=a,
+                                   peak_lr=scaled_lr(self.base_lr, self.scale_rule, g,
+                                                     self.base_batch))
+
+    def continue_from(self, old: "BatchPlan", consumed: int) -> tuple["BatchPlan", int, str]:
+        """Resume at this plan's world size from a set written with plan ``old``, ``consumed``
+        of its micro-batches into the epoch. Returns the plan to continue with (this one, or
+        ``old``'s grown global batch cut for this world), the consumed micro-batches in it (the
+        same sample count, or the next window boundary when no whole new micro-batch ends
+        there) and a note when it moved (else ''). ConfigError: the global batch does not
+        divide into this world's micro-batches."""
+        new = self
+        if new.global_size != old.global_size:  # the batch grew before the save: keep it
+            _, m, a = resolve_batch(old.global_size, new.micro_size, None, new.world_size)
+            new = dataclasses.replace(old, micro_size=m, accum_steps=a,
+                                      world_size=new.world_size,
+                                      dataset_size=new.dataset_size)
+        samples = consumed * old.batch_unit
+        note = ""
+        if samples % new.batch_unit == 0:
+            consumed = samples // new.batch_unit
+        else:  # no whole new micro-batch ends there: start at the next window boundary
+            window = new.batch_unit * new.accum_steps
+            consumed = -(-samples // window) * new.accum_steps
+            note = (f"resharding: epoch position {samples} samples is not a whole number of "
+                    f"micro-batches of {new.batch_unit}; continuing at "
+                    f"{consumed * new.batch_unit}")
+        return new, min(consumed, new.micro_batches_per_epoch), note
+
     def grown(self, factor: float) -> Optional["BatchPlan"]:
         """The plan with the global batch multiplied by ~1/factor through more accumulation.
 
@@ -120,11 +279,11 @@ class BatchPlan:
         mult = max(2, round(1.0 / factor))
         accum = self.accum_steps * mult
         if self.max_global_size is not None:
-            accum = min(accum, self.max_global_size // (self.micro_size * self.world_size))
+            accum = min(accum, self.max_accum(self.micro_size, self.max_global_size))
         if accum <= self.accum_steps:
             return None
         return dataclasses.replace(self, accum_steps=accum,
-                                   global_size=self.micro_size * accum * self.world_size)
+                                   global_size=self.global_of(self.micro_size, accum))
 
     def resized(self, micro_size: int, accum_steps: int) -> "BatchPlan":
         """The plan at another micro size and accumulation (``batch.adapt=goodput``), with the
@@ -162,41 +321,9 @@ class BatchPlan:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def describe(self) -> str:
-        """Human-readable lines, printed once at start on rank 0."""
-        return "\n".join([
-            f"batch plan: global {self.global_size} = micro {self.micro_size} x accum "
-            f"{self.accum_steps} x world {self.world_size}",
-            f"  data: {self.dataset_size} samples, {self.shard_size} per rank, "
-            f"{self.steps_per_epoch} optimizer steps/epoch "
-            f"({'drop_last' if self.drop_last else 'last window may be short'})",
-            self._describe_lr(),
-            *([self._describe_auto()] if self.micro_auto else []),
-            *([_describe_lr_auto(self.lr_auto)] if self.lr_auto else []),
-        ])
-
-    def _describe_lr(self) -> str:
-        """The LR line; with ``optim.lr=auto`` before the range test there is no LR to show
-        yet (the plan holds a unit base LR as a placeholder), so the line says so."""
-        if (self.lr_auto or {}).get("source") == "pending":
-            return (f"  lr: auto (LR range test at batch {self.global_size} at run start), rule "
-                    f"{self.scale_rule} from batch {self.base_batch}, warmup "
-                    f"{self.warmup_steps} steps unless the test suggests one")
-        return (f"  lr: base {self.base_lr:g} at batch {self.base_batch}, rule "
-                f"{self.scale_rule}, peak {self.peak_lr:g}, warmup {self.warmup_steps} steps")
-
-    def _describe_auto(self) -> str:
-        """The ``batch.micro_size=auto`` line: where the size came from, peak vs limit."""
-        a = self.micro_auto or {}
-        if a.get("source") == "pending":
-            return (f"  micro auto: searched at run start over {a.get('candidates')} "
-                    f"(shown: the largest)")
-        peak, limit = a.get("peak_bytes"), a.get("limit_bytes")
-        shown = "" if peak is None else f", peak {_mib(peak)}"
-        shown += "" if limit is None else f" <= limit {_mib(limit)}"
-        nxt = a.get("next_peak_bytes")
-        shown += "" if nxt is None else f", next size {_mib(nxt)}"
-        return (f"  micro auto: {self.micro_size} ({a.get('source')}{shown}, "
-                f"{a.get('trials', 0)} trial steps, {a.get('search_s', 0.0):.2f} s)")
+        """Human-readable lines, printed once at start on rank 0 (``plan_text``)."""
+        from largebatch.plan_text import describe_plan
+        return describe_plan(self)
 
 
 def make_plan(cfg: Config, world_size: int, dataset_size: int,
@@ -210,8 +337,7 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int,
     micro = cfg.batch.micro_size
     if micro == "auto":
         if micro_auto is None:
-            from largebatch.tune.micro_batch import candidates
-            cands = candidates(cfg.batch.global_size, world_size)
+            cands = micro_candidates(cfg.batch.global_size, world_size)
             micro_auto = {"source": "pending", "candidates": cands}
             micro = cands[-1]
         else:
@@ -244,66 +370,3 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int,
         warmup = round(cfg.schedule.warmup_epochs * plan.steps_per_epoch)
     return dataclasses.replace(plan, warmup_steps=warmup)
 
-
-def _describe_lr_auto(record: dict[str, Any]) -> str:
-    """The ``optim.lr=auto`` line: pending, or what the range test found."""
-    def fmt(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.4g}"
-    if record.get("source") == "pending":
-        return "  lr auto: pending (the peak LR and its warmup come from lr-find's suggestion)"
-    return (f"  lr auto: peak {record['peak_lr']:.4g} from lr-find (steepest "
-            f"{fmt(record.get('steepest'))}, max_stable {fmt(record.get('max_stable'))}), "
-            f"warmup {record['warmup_steps']} steps ({record['warmup_from']})")
-
-
-def _mib(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the value >= 1 (B, KiB, MiB, GiB)."""
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def face_head_plan(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
-    """The Partial FC head's memory per rank and logits per micro-step for ``cfg.face``.
-
-    Weights + gradient + optimizer state of the largest shard (``largebatch.face.fc_memory``;
-    SGD momentum for sgd/lars when optim.momentum > 0, AdamW moments for adamw/lamb), the
-    ``(global micro-batch x sampled classes)`` logits, and the expected share of classes
-    present in one global batch (a sample_rate below it keeps mostly positives).
-    """
-    from largebatch.face import expected_positive_share, fc_memory
-    f = cfg.face
-    if cfg.optim.name in ("adamw", "lamb"):
-        optimizer = "adamw"
-    else:
-        optimizer = "sgd" if cfg.optim.momentum > 0 else "none"
-    dtype = "fp32"  # the head keeps fp32 class centres; autocast only casts the logits' inputs
-    mem = fc_memory(f.num_classes, f.embedding_size, plan.world_size, f.sample_rate,
-                    dtype=dtype, optimizer=optimizer,
-                    global_micro_batch=plan.micro_size * plan.world_size,
-                    sparse_update=f.sparse_update)
-    mem["expected_positive_share"] = expected_positive_share(f.num_classes, plan.global_size)
-    mem["optimizer"] = optimizer
-    return mem
-
-
-def describe_face_head(cfg: Config, plan: BatchPlan) -> str:
-    """``largebatch plan`` lines for a face config: FC memory, logits, a sample_rate warning."""
-    m = face_head_plan(cfg, plan)
-    f = cfg.face
-    lines = [
-        f"  face head: {f.num_classes} classes x d={f.embedding_size}, {m['num_local']} per rank "
-        f"(largest shard), sample_rate {f.sample_rate:g} -> {m['num_sample']} rows per window",
-        f"  fc memory per rank: weights {_mib(m['weight_bytes'])} + gradient "
-        f"{_mib(m['grad_bytes'])} + optimizer ({m['optimizer']}) {_mib(m['optimizer_bytes'])} "
-        f"= {_mib(m['total_bytes'])}",
-        f"  logits per micro-step: {plan.micro_size * plan.world_size} x {m['num_sample']} = "
-        f"{m['logits_elements']} elements ({_mib(m['logits_bytes'])} fp32 per rank)",
-    ]
-    share = m["expected_positive_share"]
-    if f.sample_rate < share:
-        lines.append(f"  warning: face.sample_rate={f.sample_rate:g} is below the expected share "
-                     f"of classes present in one global batch of {plan.global_size} "
-                     f"({share:.3f}): most windows keep only positives, no negatives are sampled")
-    return "\n".join(lines)

@@ -1,8 +1,8 @@
-"""``largebatch plot RUN_DIR [RUN_DIR ...]``: PNG curves of one or more runs' ``metrics.jsonl``.
+"""PNG curves of one or more runs' ``metrics.jsonl``: reading runs, building figures, drawing.
 
 What is drawn, per run (several runs are overlaid, one colour and legend entry each):
 
-- training loss, raw and a trailing moving average of ``--smooth`` records, against optimizer
+- training loss, raw and a trailing moving average of ``smooth`` records, against optimizer
   steps, samples seen and training time (``train`` records);
 - every validation metric (every numeric field of the ``eval`` records: val_acc, val_loss,
   verification_acc, ...) against the same three axes;
@@ -10,12 +10,12 @@ What is drawn, per run (several runs are overlaid, one colour and legend entry e
   was logged; ``plan_change`` records (batch growth, LR cut on plateau) are vertical lines on
   every against-steps figure, ``skip`` records (dropped windows) dotted lines on the loss.
 
-``epoch`` records (timings) are not plotted. This module stays light to import (the CLI
-imports it for ``--help``): matplotlib is imported only when drawing (:func:`pyplot`).
+``epoch`` records (timings) are not plotted. The command is ``largebatch plot``
+(:mod:`largebatch.cli.plot`). This module stays light to import (the command imports it for
+``--help``): matplotlib is imported only when drawing (:func:`pyplot`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -24,16 +24,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from largebatch.config import ConfigError
-
-HELP = "plot a run's (or several runs') metrics.jsonl: loss, validation metrics, LR, batch size"
-EXAMPLES = """\
-examples:
-  largebatch plot runs/mnist-seed                    # PNGs into runs/mnist-seed/
-  largebatch plot runs/a runs/b --out plots/ab       # two runs overlaid, one legend entry each
-  largebatch plot runs/a --smooth 50                 # loss moving average over 50 records
-
-Reads RUN_DIR/metrics.jsonl (and plan.json for the batch size); a torn last line (a killed
-run) is skipped. Prints the path of every PNG written."""
 
 DEFAULT_SMOOTH = 10
 #: eval-record fields that are positions, not metrics.
@@ -336,26 +326,3 @@ def write_pngs(figs: dict[str, Figure], runs: list[Run], out: Path) -> list[Path
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
-
-
-# ---- command ----------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (log.out_dir) holding metrics.jsonl")
-    parser.add_argument("--out", default=None,
-                        help="folder for the PNGs (default: the run's directory, or ./plots "
-                             "for several runs)")
-    parser.add_argument("--smooth", type=int, default=DEFAULT_SMOOTH, metavar="K",
-                        help=f"moving-average window of the smoothed loss, in logged records "
-                             f"(default {DEFAULT_SMOOTH})")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Read every run, build the figures, write the PNGs and print their paths."""
-    if args.smooth < 1:
-        raise ConfigError(f"--smooth must be >= 1 (got {args.smooth})")
-    runs = [load_run(d, name) for d, name in zip(args.run_dirs, run_names(args.run_dirs))]
-    out = Path(args.out) if args.out else (runs[0].path if len(runs) == 1 else Path("plots"))
-    for path in write_pngs(build_figures(runs, args.smooth), runs, out):
-        print(path)
-    return 0

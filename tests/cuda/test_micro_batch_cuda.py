@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from largebatch.config import load_config
 from largebatch.models.mnist import MLP
+from largebatch.plan import micro_candidates
 from largebatch.tune import micro_batch
+from largebatch.tune.exact_state import preserved
+from largebatch.tune.step_memory import cuda_trial, step_and_measure
 from tests.conftest import CONFIGS, assert_same_weights, model_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -38,13 +41,13 @@ def test_cuda_search_survives_real_ooms_and_leaks_nothing(tmp_path):
     x = torch.randn(64, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (64,), device=device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    with micro_batch.preserved(model, opt):  # warm-up: cuBLAS workspaces exist from here on
-        micro_batch.step_and_measure(model, opt, _nll, x, y)
+    with preserved(model, opt):  # warm-up: cuBLAS workspaces exist from here on
+        step_and_measure(model, opt, _nll, x, y)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     limit = micro_batch.memory_limit(cfg, device)
-    cands = micro_batch.candidates(393216, 1)
-    trial = micro_batch.cuda_trial(model, opt, _nll, x, y, "fp32", limit)
+    cands = micro_candidates(393216, 1)
+    trial = cuda_trial(model, opt, _nll, x, y, "fp32", limit)
     found, peaks = micro_batch.run_search(cands, trial)
     assert found is not None and peaks[found] is not None and peaks[found] <= limit
     assert None in peaks.values(), peaks  # a trial really ran out of memory

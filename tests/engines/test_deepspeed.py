@@ -4,7 +4,7 @@ Two kinds of runs:
   * one ``torch.multiprocessing`` session of 2 ranks (imports paid once) that trains the DDP
     references, ZeRO 3 and the clipped cases through ``largebatch.train.build.train``, and probes the
     engine directly (LR writes, a window longer than DeepSpeed's configured accumulation,
-    ZeRO 3 state gathering, ``setup_module``, state_dict/load_state_dict);
+    ZeRO 3 state gathering, ``setup_sharded``, state_dict/load_state_dict);
   * six real ``torchrun ... largebatch train`` launches, ZeRO 0/1/2 x (10 steps, short last
     window), that must match DDP and all exit 0 (DeepSpeed's sporadic abort after a finished
     run, ~1 in 8-10 runs without the CLI's hard exit, must never reach the launcher).
@@ -30,6 +30,7 @@ from torch import nn
 
 from largebatch.config import ConfigError, load_config
 from largebatch.dist import DistEnv, seed_everything
+from largebatch.engines.sharded import ShardedModule
 from largebatch.models import build_model
 from largebatch.train.build import plan_for
 from tests._launch import spawn
@@ -86,6 +87,10 @@ def _closed_form_sgd(model: nn.Module, batches: list, lr: float) -> dict[str, to
             for (name, p), g in zip(ref.named_parameters(), grads)}
 
 
+class _LocalHead(ShardedModule, nn.Linear):
+    """A per-rank module with the interface's defaults (gradient in its parameters)."""
+
+
 def _window(engine, batches: list, lr: float) -> dict[str, torch.Tensor]:
     """One optimizer step the way the trainer drives it, after an LR write like LRSchedule's."""
     for group in engine.optimizer.param_groups:
@@ -113,7 +118,7 @@ def _probe(stage: int, denv: DistEnv) -> dict:
     assert engine.ds_config["gradient_accumulation_steps"] == 2
     optimizer = build_optimizer(cfg.optim, model, lr=0.05)
     engine.setup(model, optimizer)
-    head = engine.setup_module(nn.Linear(4, 3))
+    head = engine.setup_sharded(_LocalHead(4, 3))  # no optimizer: placed, never stepped
     head_before = copy.deepcopy(head.state_dict())
     r = denv.rank  # each rank takes its own share of the global window
     out: dict = {"same_groups": engine.optimizer.param_groups is optimizer.param_groups,
@@ -128,7 +133,8 @@ def _probe(stage: int, denv: DistEnv) -> dict:
     out["head_unchanged"] = all(torch.equal(v, head_now[k]) for k, v in head_before.items())
     out["head_not_zero"] = not any(hasattr(p, "ds_id") for p in head.parameters())
     state = engine.state_dict()  # a collective at ZeRO 3: both ranks call it
-    out["extra_state"] = state["per_rank"]["sharded"]
+    rank_state = engine.rank_state_dict()
+    out["extra_state"] = rank_state["sharded"]
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -136,7 +142,7 @@ def _probe(stage: int, denv: DistEnv) -> dict:
     out["reloaded_model"] = reloaded["model"]
     _window(engine, three[3 * r: 3 * r + 3], lr=0.1)  # move away, then restore
     try:
-        engine.load_state_dict(reloaded)
+        engine.load_state_dict(reloaded, rank_state)
         out["restored"] = engine.state_dict()["model"]
     except ConfigError:
         out["restored"] = None
@@ -249,7 +255,7 @@ def test_state_dict_is_full_and_weights_only_loadable(session):
             assert _max_diff(probes[stage]["restored"], probes[stage]["state_long"]) == 0
 
 
-def test_setup_module_is_placed_not_partitioned_nor_stepped(session):
+def test_sharded_module_is_placed_not_partitioned_nor_stepped(session):
     for rank in range(2):
         for stage, got in torch.load(session / f"probe{rank}.pt", weights_only=True).items():
             assert got["head_not_zero"] and got["head_unchanged"], stage

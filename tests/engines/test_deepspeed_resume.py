@@ -137,7 +137,7 @@ def _recording(run) -> list:
     def snap():
         return {"ds": _full_state(run.engine), "step": trainer.state.step,
                 "sched": trainer.schedule.state_dict(), "lr": trainer.schedule.lr,
-                "counters": run.engine._counters()}
+                "counters": run.engine.counters()}
 
     def step(*a, **kw):
         before = snap()
@@ -229,7 +229,7 @@ def test_checkpoint_files_are_weights_only_and_partitioned(session, case):
     trainer = load_checkpoint(sets[0].path / "trainer.pt")  # torch.load(weights_only=True)
     full = sum(v.numel() for v in trainer["engine"]["model"].values())
     assert trainer["engine"]["optimizer"] is None  # DeepSpeed's state lives per rank
-    ranks = [torch.load(sets[0].path / f"rank-{r:05d}.pt", weights_only=True)["per_rank"]
+    ranks = [torch.load(sets[0].path / f"rank-{r:05d}.pt", weights_only=True)["engine"]
              ["deepspeed"] for r in range(2)]
     for r, local in enumerate(ranks):
         assert (local["zero_stage"], local["rank"], local["world_size"]) == (stage, r, 2)
@@ -301,4 +301,4 @@ def test_another_world_size_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^checkpoint: a DeepSpeed ZeRO 2 / fp32 checkpoint of "
                                           r"world size 3 cannot resume at world size 1 .*"
                                           r"relaunch on 3 ranks$"):
-        engine.load_state_dict({"model": {}, "per_rank_all": [{}, {}, {}]})
+        engine.load_resharded({"model": {}}, [{}, {}, {}])

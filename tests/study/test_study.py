@@ -18,8 +18,9 @@ import pytest
 from largebatch.config import ConfigError, load_config
 from largebatch.study import noise_verdict
 from largebatch.study import verdicts as claims
+from largebatch.study.configs import prepare_runs, timing_steps
 from largebatch.study.measure import loss_oscillation
-from largebatch.study.runner import make_sweep, prepare_runs, timing_steps
+from largebatch.study.sweep import make_sweep
 from tests.conftest import CONFIGS, run_cli, run_torchrun
 
 STUDY = CONFIGS / "mnist" / "study.yaml"

@@ -45,7 +45,7 @@ def overrides(*extra: str) -> list[str]:
 def save_run(run, summary: dict, out: Path, rank: int) -> None:
     """Backbone, this rank's head shard and the logged records of a finished run."""
     state = run.engine.state_dict()
-    head = run.engine.extra_modules[0]
+    head = run.engine.sharded.modules[0]
     torch.save({"model": state["model"], "head": head.weight.detach().clone(),
                 "class_start": head.class_start, "summary": summary,
                 "engine": run.engine.name},

@@ -54,7 +54,7 @@ def reshard_session(rank: int, world: int, port: int, out: str, runs: dict) -> N
         torch.save({"step": run.trainer.state.step, "consumed": run.trainer.state.consumed,
                     "micro": run.trainer.plan.micro_size,
                     "model": run.engine.unwrapped().state_dict(),
-                    "per_rank": run.engine.sharded_state_dict()},
+                    "per_rank": run.engine.rank_state_dict()},
                    where / f"loaded-rank{rank}.pt")
         summary = run.trainer.fit()
         run.logger.close(summary)
@@ -76,7 +76,7 @@ def assemble(shards: list[dict]) -> dict[str, torch.Tensor]:
 def old_set(path: Path, world: int) -> tuple[dict, dict]:
     """(trainer.pt, reassembled head) of a set, read directly from its files."""
     trainer = torch.load(path / "trainer.pt", weights_only=True)
-    heads = [torch.load(path / f"rank-{r:05d}.pt", weights_only=True)["per_rank"]["sharded"][0]
+    heads = [torch.load(path / f"rank-{r:05d}.pt", weights_only=True)["engine"]["sharded"][0]
              for r in range(world)]
     return trainer, assemble(heads)
 

@@ -65,7 +65,8 @@ def test_best_accumulation_is_the_closed_form_optimum(noise: float) -> None:
     assert m == micro and a in (max(1, math.floor(a_star)), math.ceil(a_star))
     # ... and it is the better of the two integers around a*.
     around = [k for k in {max(1, math.floor(a_star)), math.ceil(a_star)}]
-    value = {k: adapter.goodput(micro, k, world, noise, 1.0, gamma) for k in around}
+    value = {k: adapter.goodput(_plan(micro, 1, world), micro, k, noise, 1.0, gamma)
+             for k in around}
     assert a == max(value, key=value.get)
 
 
@@ -92,13 +93,13 @@ def _fake_timing(monkeypatch: Any, run: Any, slow: float = 1.0, stop_at: int = 0
     monkeypatch.setattr(goodput, "time_forward_backward",
                         lambda model, loss, x, y, sizes, autocast: [
                             slow * (ALPHA + BETA * m) for m in sizes])
-    adapter, trainer = run.trainer.adapter, run.trainer
+    adapter, trainer = run.policies.policies[-1].adapter, run.trainer
     real = adapter.observe
 
     def observe(micro: int, n_micro: int, seconds: float, raw: Any = None) -> None:
         real(micro, n_micro, true_seconds(micro, n_micro, slow), raw)
         if stop_at and trainer.state.step == stop_at - 1:  # (agreed in the next step)
-            trainer.stop_requested = True  # as SIGUSR1 would: checkpoint this step, stop
+            trainer.request_stop()  # as SIGUSR1 would: checkpoint this step, stop
     adapter.observe = observe
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch.tune.lr_find import full_windows, lr_find, ramp, smooth
+from largebatch.tune.lr_find import lr_find, ramp, smooth
 
 from tests.conftest import REPO, assert_same_weights, run_cli
 
@@ -52,7 +52,7 @@ def test_restores_model_optimizer_rng_and_a_later_training(tmp_path, mnist_root)
     from largebatch.train.build import build_run
     # (a) mid-run, with momentum state: two real steps first, then the test, then compare.
     run = build_run(_cfg(mnist_root, tmp_path / "a"), quiet=True)
-    windows = full_windows(run.trainer)
+    windows = run.trainer.full_windows()
     for _ in range(2):
         run.trainer.train_step(*next(windows))
     before = _state(run.trainer)
@@ -104,9 +104,11 @@ def _quadratic_trainer(tmp_path: Path):
     from largebatch.dist import DistEnv
     from largebatch.engines import build_engine
     from largebatch.metrics import MetricsLogger
+    from largebatch.noise.scale import NoiseScaleMonitor
     from largebatch.optim import build_optimizer
     from largebatch.optim.schedules import build_schedule
     from largebatch.plan import make_plan
+    from largebatch.policies.base import Policies
     from largebatch.tasks.base import Metric, Task, TaskParts
     from largebatch.train.trainer import Trainer
 
@@ -132,8 +134,9 @@ def _quadratic_trainer(tmp_path: Path):
     model = task.build().model
     engine.setup(model, build_optimizer(cfg.optim, model, lr=plan.peak_lr))
     schedule = build_schedule(engine.optimizers, cfg.schedule, plan, 100)
+    noise = NoiseScaleMonitor(engine, False)
     return Trainer(cfg, task, engine, schedule, plan, _Loader(), _Loader(),
-                   MetricsLogger(cfg.log, False, {}))
+                   MetricsLogger(cfg.log, False, {}), noise, Policies())
 
 
 def _reference_losses(lrs: list[float]) -> list[float]:
@@ -248,7 +251,7 @@ def test_deepspeed_restores_its_partitions_and_ramps_like_the_single_engine(tmp_
     def two_steps(*extra: str):
         run = build_run(_cfg(mnist_root, tmp_path / "-".join(extra), "model.name=mlp", *extra),
                         quiet=True)
-        windows = full_windows(run.trainer)
+        windows = run.trainer.full_windows()
         for _ in range(2):
             run.trainer.train_step(*next(windows))
         return run

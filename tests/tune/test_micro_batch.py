@@ -18,8 +18,9 @@ import torch
 from largebatch.config import ConfigError, load_config
 from largebatch.dist import DistEnv
 from largebatch.train.build import build_run, finish_run
-from largebatch.tune import micro_batch
-from largebatch.tune.micro_batch import CACHE_FILE, candidates, search
+from largebatch.plan import micro_candidates
+from largebatch.tune import micro_batch, step_memory
+from largebatch.tune.micro_batch import CACHE_FILE, search
 from tests._launch import spawn
 from tests.conftest import CONFIGS, assert_same_weights, model_weights, run_cli
 
@@ -45,12 +46,12 @@ def _cfg(root: Path, out: Path, *extra: str):
 def _count_trials(monkeypatch) -> list[int]:
     """Count the trial steps (calls of the measured step) from here on."""
     calls = [0]
-    original = micro_batch.step_and_measure
+    original = step_memory.step_and_measure
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
-    monkeypatch.setattr(micro_batch, "step_and_measure", counting)
+    monkeypatch.setattr(step_memory, "step_and_measure", counting)  # what the trials call
     return calls
 
 
@@ -59,9 +60,9 @@ BUDGET_48 = (peak_reference(48) + peak_reference(60)) / 2 / MIB
 
 
 def test_candidates_keep_the_global_batch_and_search_finds_the_largest_fit():
-    assert candidates(240, 2) == [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24, 30, 40, 60, 120]
-    assert candidates(7, 1) == [1, 7]
-    cands = candidates(720, 1)
+    assert micro_candidates(240, 2) == [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24, 30, 40, 60, 120]
+    assert micro_candidates(7, 1) == [1, 7]
+    cands = micro_candidates(720, 1)
     for threshold in (1, 2, 7, 48, 50, 359, 360, 719, 720, 10 ** 6):
         tried = []
         found = search(cands, lambda m: tried.append(m) or m <= threshold)
@@ -212,8 +213,8 @@ def test_oom_recovery_restores_the_exact_state(monkeypatch):
         return torch.nn.functional.nll_loss(m(a), b)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    found, peaks = micro_batch.run_search(candidates(120, 1),
-                                          micro_batch.cuda_trial(model, opt, loss, x, y,
+    found, peaks = micro_batch.run_search(micro_candidates(120, 1),
+                                          step_memory.cuda_trial(model, opt, loss, x, y,
                                                                  "fp32", 10 ** 9))
     assert found == 30 and peaks[40] is None and peaks[30] == 30000  # 40 and up: "OOM"
     assert_same_weights(model.state_dict(), init)

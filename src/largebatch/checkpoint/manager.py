@@ -1,11 +1,15 @@
 """Checkpoint sets that survive any kill: one directory per step, published by one rename.
 
+The run registers its stateful parts by name (torchtitan's habit): the trainer's counters and
+plan, the schedule, the engine (its replicated half and each rank's own), the noise-scale
+estimate, the policies. A set holds what each part's ``state_dict`` returned; resuming hands
+each part back its own. The checkpointer never looks inside a part.
+
 Layout of ``checkpoint.dir``::
 
     step-000120/          a complete set (only ever created by renaming a finished temp dir)
-        trainer.pt        rank 0: trainer.state_dict() (model, optimizer, grad scaler, schedule,
-                          current batch plan, step/epoch/position in the epoch)
-        rank-00000.pt     one per rank: that rank's RNG streams (+ any per-rank state)
+        trainer.pt        rank 0: {part name: state_dict()} of every replicated part
+        rank-00000.pt     one per rank: its RNG streams and {name: rank_state_dict()}
         manifest.json     written last: step, world size, config, plan, sha256 of every file
     step-000120.1/        a second set of the same step (e.g. the final set after a
                           pre-emption at the last step); sets are ordered by (step, suffix)
@@ -16,12 +20,12 @@ A set is written as: every rank writes and fsyncs its file into the temp dir; ba
 hashes every file, writes the manifest, fsyncs files and directory, renames the temp dir to its
 final name, fsyncs the parent, prunes to ``keep`` sets; barrier. A kill at any point leaves
 the previous sets untouched and at most a temp dir behind. Every load is
-``torch.load(weights_only=True)`` of bytes whose sha256 matches the manifest.
+``torch.load(weights_only=True)`` of bytes whose sha256 matches the manifest, and every
+manifest is read against its schema (``checkpoint.meta``).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -30,12 +34,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from largebatch.checkpoint.meta import (DONE, MANIFEST, TRAINER_FILE, CorruptSet, DoneMarker,
+                                        FileEntry, OtherFormat, SetInfo, rank_file)
+from largebatch.checkpoint.store import (CheckpointSet, _SET_NAME, _load_bytes, _remove,
+                                         _sha256_file, _warn, check_fresh, check_same_run,
+                                         list_sets, verify_set)
 from largebatch.config import ConfigError
-from largebatch.checkpoint.store import (  # noqa: F401 (re-exported)
-    _flat, _load_bytes, _remove, _SET_NAME, _sha256_file, _torch_bytes, _warn, _write_durable,
-    check_fresh, check_same_run, CheckpointSet, CorruptSet, DONE, FORMAT, fsync_dir, list_sets,
-    load_checkpoint, MANIFEST, rank_file, read_manifest, RESUMABLE_CHANGES, rng_state,
-    run_status, save_checkpoint, set_rng_state, TRAINER_FILE, verify_set, write_json_durable)
+from largebatch.dist import rank_seed, seed_everything
+from largebatch.io import (fsync_dir, json_text, rng_state, set_rng_state, torch_bytes,
+                           write_durable, write_json_atomic)
 
 
 class Checkpointer:
@@ -50,35 +57,60 @@ class Checkpointer:
             rank adopts rank 0's choice of set; not called for one process.
         keep: complete sets kept; older ones are removed once a newer set is complete.
         config: the run's config as a dict (stored in each manifest, compared on resume).
+        seed: ``train.seed`` (a resharded resume reseeds each rank's RNG streams from it).
         verbose: rank 0 prints one line when it resumes or finds the run finished.
     """
 
     def __init__(self, directory: str | Path, rank: int, world_size: int,
                  barrier: Callable[[], None],
                  agree: Optional[Callable[[list[float]], list[float]]] = None, keep: int = 2,
-                 config: Optional[dict[str, Any]] = None, verbose: bool = True) -> None:
+                 config: Optional[dict[str, Any]] = None, seed: int = 0,
+                 verbose: bool = True) -> None:
         self.directory = Path(directory)
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
-        self.agree, self.keep = agree, keep
+        self.agree, self.keep, self.seed = agree, keep, seed
         self.config = config or {}
         self.verbose = verbose
         self.loaded: Optional[CheckpointSet] = None  # the set this run resumed from
         self._last_step: Optional[int] = None  # step of the newest set saved or loaded
         self._last_name: Optional[str] = None  # its directory name (rank 0)
+        self._parts: dict[str, Any] = {}  # name -> part whose state every rank holds alike
+        self._rank_parts: dict[str, Any] = {}  # name -> part with a per-rank half
+        self._reshardable: set[str] = set()
+
+    # ---- the run's parts ------------------------------------------------------------------
+    def register(self, name: str, part: Any, reshardable: bool = False) -> None:
+        """Save and restore ``part`` (``state_dict``/``load_state_dict``) under ``name``; with
+        ``reshardable`` it also has ``load_resharded(state, old_world)`` for a set of another
+        world size (else it loads as saved)."""
+        self._check_name(name)
+        self._parts[name] = part
+        if reshardable:
+            self._reshardable.add(name)
+
+    def register_per_rank(self, name: str, part: Any) -> None:
+        """A part with a replicated half (``state_dict``, rank 0's file) and this rank's own
+        (``rank_state_dict``, its file), restored by ``load_state_dict(state, rank_state)``
+        or, from another world size, ``load_resharded(state, every old rank's half)``."""
+        self._check_name(name)
+        self._rank_parts[name] = part
+
+    def _check_name(self, name: str) -> None:
+        if name in self._parts or name in self._rank_parts or name in ("step", "rank", "rng"):
+            raise ValueError(f"checkpoint part {name!r} is registered twice or reserved")
 
     # ---- writing --------------------------------------------------------------------------
-    def __call__(self, trainer: Any) -> None:
-        """Write a set of ``trainer``'s current step (the trainer's hook)."""
-        self.save(trainer)
+    def has_set(self, step: int) -> bool:
+        """Whether the newest set saved or loaded is of ``step``."""
+        return self._last_step == step
 
-    def save(self, trainer: Any) -> None:
-        """Write one set of ``trainer.state_dict()`` (every rank, the same step).
-
-        An entry ``per_rank`` of the state dict, if any, goes into each rank's own file.
-        """
-        state = trainer.state_dict()  # every rank: gathering sharded state can be collective
-        per_rank = state.pop("per_rank", None)
-        step = int(state["run"]["step"])
+    def save(self, step: int, facts: dict[str, Any]) -> None:
+        """Write one set of every part at ``step`` (every rank, the same step). ``facts``:
+        what the manifest says of the run's position (epoch, consumed, plan)."""
+        # Every rank, before anything is written: gathering sharded state can be collective.
+        shared = {name: part.state_dict() for name, part in self._parts.items()}
+        shared.update({name: part.state_dict() for name, part in self._rank_parts.items()})
+        own = {name: part.rank_state_dict() for name, part in self._rank_parts.items()}
         tmp = self.directory / f".step-{step:06d}.tmp"
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -86,31 +118,30 @@ class Checkpointer:
             tmp.mkdir()
         self.barrier()
         files = {rank_file(self.rank): {"step": step, "rank": self.rank, "rng": rng_state(),
-                                        "per_rank": per_rank}}
+                                        **own}}
         if self.rank == 0:
-            files[TRAINER_FILE] = state
+            files[TRAINER_FILE] = shared
         for name, obj in files.items():
-            _write_durable(tmp / name, _torch_bytes(obj))
+            write_durable(tmp / name, torch_bytes(obj))
         self.barrier()  # every rank's file is complete and fsynced
         if self.rank == 0:
-            self._last_name = self._publish(tmp, step, state).name
+            self._last_name = self._publish(tmp, step, facts).name
             self._prune()
         self._last_step = step
         self.barrier()  # no rank moves on (or exits) before the set is published
 
-    def mark_done(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def mark_done(self, step: int, facts: dict[str, Any], summary: dict[str, Any]) -> None:
         """The run has finished: its final set (the state after the last step, before the
         closing evaluation, so that a longer re-run continues exactly) and ``done.json``
         naming it with the summary (rank 0 writes it once the set is complete)."""
-        step = int(trainer.state.step)
         if self._last_step != step:  # the loop saves the last step; this is only a fallback
-            self.save(trainer)
+            self.save(step, facts)
         if self.rank == 0:
-            write_json_durable(self.directory / DONE, {
-                "step": step, "set": self._last_name,
-                "stop_reason": summary.get("stop_reason"), "summary": summary})
+            write_json_atomic(self.directory / DONE, {
+                "step": step, "set": self._last_name, "stop_reason": summary.get("stop_reason"),
+                "summary": summary})
 
-    def _publish(self, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+    def _publish(self, tmp: Path, step: int, facts: dict[str, Any]) -> Path:
         """Rank 0: manifest with every file's sha256, then one rename makes the set visible."""
         files = {}
         for name in (TRAINER_FILE, *(rank_file(r) for r in range(self.world_size))):
@@ -119,13 +150,12 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint: {f} is missing after its rank wrote it; "
                                   f"checkpoint.dir={self.directory} must be one filesystem "
                                   f"that every rank sees (a shared path across nodes)")
-            files[name] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
-        run = state["run"]
-        manifest = {"format": FORMAT, "step": step, "epoch": run.get("epoch"),
-                    "consumed": run.get("consumed"), "world_size": self.world_size,
-                    "created_unix": time.time(), "torch": torch.__version__,
-                    "files": files, "config": self.config, "plan": state.get("plan")}
-        _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+            files[name] = FileEntry(_sha256_file(f), f.stat().st_size)
+        info = SetInfo(step=step, world_size=self.world_size, epoch=int(facts["epoch"]),
+                       consumed=int(facts["consumed"]), files=files, config=self.config,
+                       plan=facts.get("plan"), created_unix=time.time(),
+                       torch=torch.__version__)
+        write_durable(tmp / MANIFEST, json_text(info.to_json()).encode())
         fsync_dir(tmp)
         target = self.directory / f"step-{step:06d}"
         suffix = 0
@@ -149,8 +179,8 @@ class Checkpointer:
         """The set to resume from for ``checkpoint.resume`` (collective; rank 0 decides).
 
         Raises:
-            ConfigError: another world size or config, a bad PATH, or an earlier run's sets
-                with ``never`` (on every rank).
+            ConfigError: another config, a bad PATH, or an earlier run's sets with ``never``
+                (on every rank).
         """
         choice, error = [-1.0, -1.0, -1.0, -1.0], None  # status, origin, step, suffix
         if self.rank == 0:
@@ -174,12 +204,12 @@ class Checkpointer:
         path = base if origin == 1 else base / (f"step-{step:06d}" + (f".{suffix}" if suffix
                                                                       else ""))
         try:
-            found = CheckpointSet(path, step, suffix, read_manifest(path))
+            found = CheckpointSet(path, step, suffix, verify_set(path))
         except CorruptSet as exc:
             raise ConfigError(f"checkpoint.resume: {exc}") from None
         # Another world size is allowed (a re-launch on fewer or more GPUs): ``load`` reshards.
         if origin == 0:
-            check_same_run(found.manifest.get("config", {}), self.config, path)
+            check_same_run(found.info.config, self.config, path)
         return found
 
     def _choose(self, resume: str) -> tuple[int, Optional[CheckpointSet]]:
@@ -196,10 +226,10 @@ class Checkpointer:
         p = Path(resume)
         if (p / MANIFEST).exists() or _SET_NAME.match(p.name):
             try:
-                manifest = verify_set(p)
+                info = verify_set(p)
             except CorruptSet as exc:
                 raise ConfigError(f"checkpoint.resume={resume}: {exc}") from None
-            return 1, CheckpointSet(p, int(manifest["step"]), 0, manifest)
+            return 1, CheckpointSet(p, info.step, 0, info)
         if p.is_dir():
             found = self._newest_valid(p, quarantine=False)
             if found is None:
@@ -210,11 +240,16 @@ class Checkpointer:
 
     def _newest_valid(self, directory: Path, quarantine: bool) -> Optional[CheckpointSet]:
         """Newest set whose files all match the manifest; each bad one is named on stderr
-        and (in our own directory) renamed out of the way, never deleted."""
+        and (in our own directory) renamed out of the way, never deleted. A set of another
+        format is refused in one line: it is not corrupt, only not ours to read."""
         for s in reversed(list_sets(directory)):
             try:
-                s.manifest = verify_set(s.path)
+                s.info = verify_set(s.path)
                 return s
+            except OtherFormat as exc:
+                raise ConfigError(f"checkpoint: {exc}; resume it with the largebatch that "
+                                  f"wrote it, or use another log.out_dir / checkpoint.dir") \
+                    from None
             except CorruptSet as exc:
                 moved = ""
                 if quarantine:
@@ -236,66 +271,65 @@ class Checkpointer:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"checkpoint file {path} is unreadable ({exc.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != found.manifest["files"][name]["sha256"]:
+        if hashlib.sha256(data).hexdigest() != found.info.files[name].sha256:
             raise ConfigError(f"checkpoint file {path} does not match its sha256 in the manifest")
         return _load_bytes(data, path)
 
-    def load(self, trainer: Any, found: CheckpointSet) -> None:
-        """Restore ``trainer`` and this rank's RNG streams from set ``found``.
+    def load(self, found: CheckpointSet) -> SetInfo:
+        """Restore every registered part and this rank's RNG streams from set ``found``.
 
-        A set written at another world size is resharded (``_load_resharded``).
+        A set written at another world size is resharded: every rank reads ALL old rank files
+        (sha256-checked, weights_only); per-rank parts cut their state again for this layout,
+        reshardable parts map what depends on the world (the trainer: its epoch position).
+        Per-rank RNG streams cannot map between world sizes: each rank is reseeded from
+        (train.seed, rank, step), so a resharded resume is exact for the weights at load time
+        but not bit-identical afterwards to an uninterrupted run at either world size.
+
+        Raises:
+            ConfigError: a part missing from the set, or state that cannot load here.
         """
-        state = self._read(found, TRAINER_FILE)
-        old_world = int(found.manifest["world_size"])
-        if old_world != self.world_size:
-            self._load_resharded(trainer, found, state, old_world)
+        shared, info = self._read(found, TRAINER_FILE), found.info
+        missing = sorted((set(self._parts) | set(self._rank_parts)) - set(shared))
+        if missing:
+            raise ConfigError(f"checkpoint {found.path} holds no {missing[0]!r} state (written "
+                              f"by another kind of run)")
+        if info.world_size == self.world_size:
+            own = self._read(found, rank_file(self.rank))
+            for name, part in self._parts.items():
+                part.load_state_dict(shared[name])
+            for name, part in self._rank_parts.items():
+                part.load_state_dict(shared[name], own.get(name))
+            set_rng_state(own["rng"])
         else:
-            mine = self._read(found, rank_file(self.rank))
-            if mine.get("per_rank") is not None:
-                state["per_rank"] = mine["per_rank"]
-            trainer.load_state_dict(state)
-            set_rng_state(mine["rng"])
+            if self.rank == 0 and self.verbose:
+                print(f"resharding checkpoint from world {info.world_size} to "
+                      f"{self.world_size}", flush=True)
+            olds = [self._read(found, rank_file(r)) for r in range(info.world_size)]
+            for name, part in self._parts.items():
+                if name in self._reshardable:
+                    part.load_resharded(shared[name], info.world_size)
+                else:
+                    part.load_state_dict(shared[name])
+            for name, part in self._rank_parts.items():
+                part.load_resharded(shared[name], [o.get(name) for o in olds])
+            seed_everything(rank_seed(self.seed, self.rank) ^ int(found.step))
         self.loaded = found
-        self._last_step, self._last_name = found.step, found.name
+        if found.path.parent.resolve() == self.directory.resolve():
+            self._last_step, self._last_name = found.step, found.name
+        # else a branch from another run's set: this directory has no set of that step yet
+        # (the final one, if the run stops at once, is written here).
         if self.rank == 0 and self.verbose and not self._loaded_final():
             print(f"resumed from {found.path} at step {found.step}", flush=True)
-
-    def _load_resharded(self, trainer: Any, found: CheckpointSet, state: dict[str, Any],
-                        old_world: int) -> None:
-        """Resume a set written at ``old_world`` ranks on this launch's world size.
-
-        The replicated state (model, optimizer, schedule, counters) loads as usual; every rank
-        reads ALL old rank files (sha256-checked, weights_only) and its sharded modules (head
-        shards and their optimizer rows) are cut again for the new layout; the trainer maps
-        the data position and rebuilds the batch plan for the new world. Per-rank RNG streams
-        cannot map between world sizes: each rank is reseeded from (train.seed, rank, step).
-        So a resharded resume is exact for the weights at load time, but not bit-identical
-        afterwards to an uninterrupted run at either world size.
-        """
-        from largebatch.dist import rank_seed, seed_everything
-        if self.rank == 0 and self.verbose:
-            print(f"resharding checkpoint from world {old_world} to {self.world_size}",
-                  flush=True)
-        olds = [self._read(found, rank_file(r)) for r in range(old_world)]
-        per_rank = [o.get("per_rank") for o in olds]
-        state["per_rank"] = None
-        state["per_rank_all"] = None if any(p is None for p in per_rank) else per_rank
-        state["resharded_from"] = old_world
-        trainer.load_state_dict(state)
-        seed = int(self.config.get("train", {}).get("seed", 0))
-        seed_everything(rank_seed(seed, self.rank) ^ int(found.step))
+        return info
 
     # ---- the finished run -----------------------------------------------------------------
-    def done(self) -> Optional[dict[str, Any]]:
+    def done(self) -> Optional[DoneMarker]:
         """The done marker (final set, step, summary), or None."""
-        try:
-            return json.loads((self.directory / DONE).read_text())
-        except (OSError, ValueError):
-            return None
+        return DoneMarker.read(self.directory)
 
     def _loaded_final(self) -> bool:
         done = self.done()
-        return bool(done) and self.loaded is not None and done.get("set") == self.loaded.name
+        return done is not None and self.loaded is not None and done.set == self.loaded.name
 
     def finished(self, stop_reason: str) -> Optional[dict[str, Any]]:
         """Before the first step: the stored summary if this run is already over, else None.
@@ -304,15 +338,14 @@ class Checkpointer:
         (``stop_reason``, evaluated on the restored state) still holds. A run that trains on
         (e.g. a larger train.max_steps) drops the now stale marker.
         """
-        final = self._loaded_final()
-        done = self.done()
+        final, done = self._loaded_final(), self.done()
         if final and stop_reason:
             if self.rank == 0 and self.verbose:
-                print(f"largebatch: run already finished at step {done['step']} "
-                      f"({done.get('stop_reason')}, {self.directory / DONE}); nothing to do",
+                print(f"largebatch: run already finished at step {done.step} "
+                      f"({done.stop_reason}, {self.directory / DONE}); nothing to do",
                       flush=True)
-            return done["summary"]
-        if self.rank == 0 and done is not None:
+            return done.summary
+        if self.rank == 0 and (self.directory / DONE).exists():
             (self.directory / DONE).unlink(missing_ok=True)
             if final and self.verbose:
                 print(f"resumed from {self.loaded.path} at step {self.loaded.step} "

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
-import random
 import re
 import shutil
 import sys
@@ -21,12 +19,12 @@ from typing import Any, Optional
 
 import torch
 
+from largebatch.checkpoint.meta import (  # noqa: F401 (re-exported)
+    DONE, FORMAT, MANIFEST, TRAINER_FILE, CorruptSet, DoneMarker, OtherFormat, SetInfo,
+    rank_file, read_set_info)
 from largebatch.config import ConfigError
+from largebatch.io import torch_bytes, write_bytes_atomic
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-TRAINER_FILE = "trainer.pt"
-DONE = "done.json"
 _SET_NAME = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 # Keys that may change between a run and its resume: where things go and how long to train.
 # Anything else means the checkpoint belongs to another experiment (see check_same_run).
@@ -35,53 +33,9 @@ RESUMABLE_CHANGES = ("checkpoint.", "log.", "study.", "data.root", "data.downloa
                      "train.time_budget_s", "train.device")
 
 
-def rank_file(rank: int) -> str:
-    """Name of ``rank``'s file inside a set."""
-    return f"rank-{rank:05d}.pt"
-
-
-# ---- durable files --------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` and fsync it; returns its sha256."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def write_json_durable(path: Path, obj: Any) -> None:
-    """JSON to a temp file, fsynced, renamed into place, directory fsynced."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _write_durable(tmp, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Save one file so that a reader never sees it half-written (e.g. the final model.pt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _write_durable(tmp, _torch_bytes(state))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+    return write_bytes_atomic(path, torch_bytes(state))
 
 
 def _load_bytes(data: bytes, name: str | Path, map_location: Any = "cpu") -> Any:
@@ -115,39 +69,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---- RNG streams ----------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This rank's RNG streams: Python, torch CPU, CUDA (when in use), numpy (when loaded)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")
-    if np is not None:
-        # As tensors and ints: a weights_only load refuses numpy arrays.
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")),
-                          "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state``."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        s = state["numpy"]
-        np.random.set_state((s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"],
-                             s["has_gauss"], s["gauss"]))
-
-
 # ---- sets on disk ---------------------------------------------------------------------------
-class CorruptSet(Exception):
-    """A set that cannot be used; the message names the offending file."""
-
-
 @dataclass
 class CheckpointSet:
     """A published set: its directory, its order key and (once verified) its manifest."""
@@ -155,7 +77,7 @@ class CheckpointSet:
     path: Path
     step: int
     suffix: int
-    manifest: Optional[dict[str, Any]] = None
+    info: Optional[SetInfo] = None
 
     @property
     def name(self) -> str:
@@ -174,59 +96,42 @@ def list_sets(directory: Path) -> list[CheckpointSet]:
     return sorted(found, key=lambda s: (s.step, s.suffix))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of set ``path``; CorruptSet naming the file when missing or unreadable."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CorruptSet(f"{path / MANIFEST} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise CorruptSet(f"{path / MANIFEST} is unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptSet(f"{path / MANIFEST} is not a format-{FORMAT} manifest")
-    return manifest
-
-
-def verify_set(path: Path) -> dict[str, Any]:
-    """Check every file of set ``path`` against its manifest; returns the manifest.
+def verify_set(path: Path) -> SetInfo:
+    """Check set ``path``'s manifest and every file against it; returns the manifest.
 
     Raises:
-        CorruptSet: naming the first missing, truncated or altered file.
+        CorruptSet: naming the first invalid field or missing, truncated or altered file.
     """
-    manifest = read_manifest(path)
-    expected = {TRAINER_FILE, *(rank_file(r) for r in range(manifest["world_size"]))}
-    missing = expected - set(manifest["files"])
-    if missing:
-        raise CorruptSet(f"{path / MANIFEST} lists no {sorted(missing)[0]}")
-    for name, meta in manifest["files"].items():
+    info = read_set_info(path)
+    for name, entry in info.files.items():
         f = path / name
         if not f.is_file():
             raise CorruptSet(f"{f} is missing")
-        if f.stat().st_size != meta["bytes"] or _sha256_file(f) != meta["sha256"]:
+        if f.stat().st_size != entry.bytes or _sha256_file(f) != entry.sha256:
             raise CorruptSet(f"{f} does not match its sha256 in the manifest")
-    return manifest
+    return info
 
 
 def run_status(directory: Path) -> dict[str, Any]:
     """What a (re)launch in ``directory`` would do, read from disk without loading a tensor.
 
     Returns:
-        ``{"state": "finished"|"resumable"|"fresh", "step": int|None, "set": str|None}``:
-        finished when the done marker names a set that is still complete, resumable when a
-        complete set exists (the newest one), fresh otherwise. Used by the sbatch scripts to
-        requeue only a run that has something left to do.
+        ``{"state": "finished"|"resumable"|"other_format"|"fresh", "step": int|None,
+        "set": str|None}``: finished when the done marker names a set that is still complete,
+        resumable when a complete set exists (the newest one), other_format when the newest
+        readable set was written in another layout (a ``train`` would refuse it, so it is not
+        resumable here), fresh otherwise. Used by the sbatch scripts to requeue only a run that
+        has something left to do.
     """
-    done = None
-    try:
-        done = json.loads((directory / DONE).read_text())
-    except (OSError, ValueError):
-        pass
+    done = DoneMarker.read(directory)
     for found in reversed(list_sets(directory)):
         try:
             verify_set(found.path)
+        except OtherFormat:
+            return {"state": "other_format", "step": found.step, "set": found.name}
         except CorruptSet:
             continue
-        state = "finished" if done and done.get("set") == found.name else "resumable"
+        state = "finished" if done is not None and done.set == found.name else "resumable"
         return {"state": state, "step": found.step, "set": found.name}
     return {"state": "fresh", "step": None, "set": None}
 

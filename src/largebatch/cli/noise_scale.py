@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from largebatch.config import Config, ConfigError, load_config
-from largebatch.plan import BatchPlan, scaled_lr
+from largebatch.io import read_jsonl
+from largebatch.plan import BatchPlan, noise_split, scaled_lr
 
 HELP = "measure the gradient noise scale and advise a global batch and its LR"
 HARD_EXIT = True
@@ -31,13 +32,11 @@ examples:
 
 B_simple is the median of the per-step estimates over the second half of the run, with their
 interquartile range. One process without accumulation has no small batch to compare with:
-the window is then split into micro-batches (micro = global/4 where it divides), the global
-batch unchanged. The advice keeps the configured micro size and world: the recommended batch
-is the multiple of micro x world closest to B_simple, its LR the one optim.scale_rule gives."""
-
-#: Split of a one-micro-batch window, in order of preference (4 gives the small-batch
-#: norms a 4x spread in batch size; 2 and 3 for batches 4 does not divide).
-SPLITS = (4, 2, 3)
+the window is then split into micro-batches as the study's runs split it (micro global/p x
+accum p, p the smallest prime factor of the global batch: global/2 x 2 when it is even), the
+global batch unchanged. The advice keeps the configured micro size and world: the recommended
+batch is the multiple of micro x world closest to B_simple, its LR the one optim.scale_rule
+gives."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,22 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50,
                         help="optimizer steps to measure over (default 50, at least 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def split_window(global_size: int) -> int:
-    """How many micro-batches to split a one-micro-batch window of ``global_size`` into.
-
-    Raises:
-        ConfigError: a global batch of 1 cannot be split.
-    """
-    for k in SPLITS:
-        if global_size % k == 0 and global_size >= k:
-            return k
-    for k in range(5, global_size + 1):  # the smallest divisor: global_size is odd here
-        if global_size % k == 0:
-            return k
-    raise ConfigError(f"batch.global_size={global_size} on one process cannot be split into "
-                      f"micro-batches: the noise scale needs at least two samples per step")
 
 
 def measurement_overrides(cfg: Config, steps: int, world_size: int, out_dir: str,
@@ -81,21 +64,24 @@ def measurement_overrides(cfg: Config, steps: int, world_size: int, out_dir: str
     note = None
     if plan.world_size == 1 and plan.accum_steps == 1:
         g = plan.global_size
-        k = split_window(g)
-        extra += [f"batch.global_size={g}", f"batch.micro_size={g // k}",
-                  f"batch.accum_steps={k}"]
+        split = noise_split(g, plan.world_size)  # the one rule (the study's runs use it too)
+        if split is None:
+            raise ConfigError(f"batch.global_size={g} on one process cannot be split into "
+                              f"micro-batches: the noise scale needs at least two samples per "
+                              f"step")
+        micro, accum = split
+        extra += [f"batch.global_size={g}", f"batch.micro_size={micro}",
+                  f"batch.accum_steps={accum}"]
         note = (f"noise-scale: one process and one micro-batch per step give no small batch; "
-                f"measuring with micro {g // k} x accum {k} (global {g} unchanged)")
+                f"measuring with micro {micro} x accum {accum} (global {g} unchanged)")
     return extra, note
 
 
 def read_train_records(out_dir: Path) -> list[dict[str, Any]]:
-    """The run's ``kind: train`` records of applied steps, in step order."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("kind") == "train" and r.get("applied", True)]
+    """The run's ``kind: train`` records of applied steps, in step order (none without a
+    metrics.jsonl; a non-finite noise_scale arrives as a string, which ``summarize`` reads)."""
+    records = read_jsonl(out_dir / "metrics.jsonl", kind="train")
+    return [r for r in records if r.get("applied", True)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,12 +7,14 @@ same samples in the same order, and every rank sees distinct samples.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Iterator, Protocol
 
 import torch
 
 from largebatch.config import DataConfig
 from largebatch.data.mnist import MEAN, STD, load_mnist_tensors, mnist_dataset, normalize_uint8
+from largebatch.plan import rank_shard_size
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -31,26 +33,36 @@ class BatchLoader(Protocol):
 
 def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True,
                   drop_last: bool = False) -> torch.Tensor:
-    """This rank's sample indices for ``epoch`` exactly as ``DistributedSampler`` makes them."""
+    """This rank's sample indices for ``epoch`` exactly as ``DistributedSampler`` makes them.
+
+    The sampler pads the epoch's order by repeating it from its front (padded position ``i``
+    holds ``order[i % n]``), or cuts it with ``drop_last``, and gives rank ``r`` every
+    ``world``-th position from ``r`` on: the first ``rank_shard_size`` of them (the plan's
+    samples per rank) never reach past the padded or cut length.
+    """
     if shuffle:
         g = torch.Generator()
         g.manual_seed(seed + epoch)
         order = torch.randperm(n, generator=g)
     else:
         order = torch.arange(n)
-    if drop_last and n % world:
-        total = (n // world) * world
-        order = order[:total]
-    else:
-        total = math.ceil(n / world) * world
-        pad = total - n
-        if pad:  # repeat from the front, as DistributedSampler does
-            reps = math.ceil(pad / n)
-            order = torch.cat([order, order.repeat(reps)[:pad]])
-    return order[rank:total:world]
+    per_rank = rank_shard_size(n, world, drop_last)
+    if per_rank == 0:  # drop_last with fewer samples than ranks: nothing for anyone
+        return order[:0]
+    positions = torch.arange(rank, n + world, world)[:per_rank]
+    return order[positions % n]
 
 
-class MemoryLoader:
+class Resizable(ABC):
+    """A loader that can cut its micro-batches at another size from the next iterator on
+    (what ``batch.adapt=goodput`` needs to change the micro size during a run)."""
+
+    @abstractmethod
+    def set_batch_size(self, batch_size: int) -> None:
+        """Micro-batches of ``batch_size`` from the next ``iter`` on (the same sample order)."""
+
+
+class MemoryLoader(Resizable):
     """The whole split as one uint8 tensor (on the device); batches cut by index tensors.
 
     Normalising per batch keeps memory at 1 byte/pixel and costs one fused elementwise pass,
@@ -155,8 +167,7 @@ def build_eval_loader(cfg: DataConfig, rank: int, world: int, device: torch.devi
     """
     images, labels = load_mnist_tensors(cfg, train=False)
     mine = torch.arange(rank, len(labels), world)
-    per_rank = math.ceil(len(labels) / world)
-    pad = per_rank - len(mine)
+    pad = rank_shard_size(len(labels), world, drop_last=False) - len(mine)
     shard_x, shard_y = images[mine], labels[mine]
     if pad:
         shard_x = torch.cat([shard_x, images[:1].expand(pad, *images.shape[1:])])

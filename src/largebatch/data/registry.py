@@ -1,8 +1,10 @@
-"""Dataset registry: name -> how big it is, how to prepare it, and its rank-sharded loaders.
+"""Datasets by name: how big a split is, how to prepare it, and its rank-sharded loaders.
 
 The plan needs the training set's size before anything is read (``largebatch plan`` prints it
-for a cluster you are not on), the run needs the loaders; both look the dataset up here, so no
-other module knows which datasets exist.
+for a cluster you are not on), the run needs the loaders; both look the dataset up in the
+``data.name`` registry (``largebatch.registry.DATASETS``, filled by ``largebatch.data``), so no
+other module knows which datasets exist and a user's ``DATASETS.register`` adds one the config
+accepts.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from largebatch.config import ConfigError, DataConfig
+from largebatch.config import DataConfig
 from largebatch.dist import DistEnv
+from largebatch.registry import DATASETS
 
 
 @dataclass(frozen=True)
@@ -45,44 +48,17 @@ def _section(spec: DatasetSpec, cfg: Any) -> Any:
     return data
 
 
-def _mnist() -> DatasetSpec:
+def mnist_spec() -> DatasetSpec:
+    """MNIST (``data.name=mnist``): in-memory or torch DataLoader paths."""
     from largebatch.data.loaders import build_eval_loader, build_train_loader
     from largebatch.data.mnist import mnist_size, prepare_data
     return DatasetSpec(size=mnist_size, prepare=prepare_data, train_loader=build_train_loader,
                        eval_loader=build_eval_loader)
 
 
-def _synthetic_faces() -> DatasetSpec:
-    from largebatch.data.faces import synthetic_faces_spec
-    return synthetic_faces_spec()
-
-
-def _recordio() -> DatasetSpec:
-    from largebatch.data.recordio import recordio_spec
-    return recordio_spec()
-
-
-def _imagefolder() -> DatasetSpec:
-    from largebatch.data.imagefolder import imagefolder_spec
-    return imagefolder_spec()
-
-
-_DATASETS: dict[str, Callable[[], DatasetSpec]] = {"mnist": _mnist,
-                                                   "synthetic_faces": _synthetic_faces,
-                                                   "recordio": _recordio,
-                                                   "imagefolder": _imagefolder}
-
-
-def register(name: str, factory: Callable[[], DatasetSpec]) -> None:
-    """Make ``data.name=NAME`` available (the factory is called lazily, on first use)."""
-    _DATASETS[name] = factory
-
-
 def dataset(name: str) -> DatasetSpec:
-    """The spec of ``data.name``; a ConfigError naming the known datasets otherwise."""
-    if name not in _DATASETS:
-        raise ConfigError(f"data.name={name!r} is not one of {'|'.join(sorted(_DATASETS))}")
-    return _DATASETS[name]()
+    """The spec of ``data.name``; a ConfigError naming the registered datasets otherwise."""
+    return DATASETS.get(name)()
 
 
 def dataset_size(cfg: Any, train: bool = True) -> int:

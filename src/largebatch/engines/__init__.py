@@ -1,4 +1,14 @@
-"""Engines: the trainer talks only to ``Engine``; ``build_engine`` picks one from the config."""
+"""Engines: the trainer talks only to ``Engine``; ``build_engine`` picks one from the config.
+
+The engines register their ``engine.name`` here with the facts other packages may ask about a
+name without importing it (the config's checks):
+
+* ``fixes_batch``: the batch fields are fixed when the engine starts (no ``micro_size=auto``,
+  no ``batch.adapt``);
+* ``partitions_tensors``: with ``engine.zero_stage >= 1`` the optimizer sees flat partitions,
+  not whole parameter tensors (no per-tensor trust ratio: LARS, LAMB);
+* ``needs_plan``: the constructor takes the batch plan (DeepSpeed's batch fields).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,6 +19,12 @@ from largebatch.config import Config, ConfigError
 from largebatch.dist import DistEnv
 from largebatch.engines.base import Engine
 from largebatch.plan import BatchPlan
+from largebatch.registry import ENGINES
+
+ENGINES.register("single", "largebatch.engines.single:SingleEngine")
+ENGINES.register("ddp", "largebatch.engines.ddp:DDPEngine")
+ENGINES.register("deepspeed", "largebatch.engines.deepspeed.engine:DeepSpeedEngine",
+                 fixes_batch=True, partitions_tensors=True, needs_plan=True)
 
 
 def resolve_engine_name(name: str, denv: DistEnv) -> str:
@@ -23,30 +39,23 @@ def resolve_engine_name(name: str, denv: DistEnv) -> str:
 
 def build_engine(cfg: Config, denv: DistEnv, device: torch.device,
                  plan: Optional[BatchPlan] = None) -> Engine:
-    """Instantiate the configured engine (DeepSpeed is imported only when asked for).
+    """Instantiate the configured engine (its module is imported only when asked for).
 
     Args:
         cfg: the run configuration.
         denv: where this process sits in the job.
         device: the device this rank trains on.
-        plan: the run's batch plan; required by DeepSpeed (its batch fields come from it),
-            unused by the single and DDP engines.
+        plan: the run's batch plan; required by engines that take it (``needs_plan``).
     """
     name = resolve_engine_name(cfg.engine.name, denv)
+    factory = ENGINES.get(name)
     kwargs = dict(precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip)
-    if name == "single":
-        from largebatch.engines.single import SingleEngine
-        return SingleEngine(denv, device, **kwargs)
-    if name == "ddp":
-        from largebatch.engines.ddp import DDPEngine
-        return DDPEngine(denv, device, **kwargs)
-    if name == "deepspeed":
+    if ENGINES.trait(name, "needs_plan", False):
         if plan is None:
-            raise ValueError("engine.name=deepspeed needs the run's batch plan (build_engine's "
-                             "plan argument)")
-        from largebatch.engines.deepspeed.engine import DeepSpeedEngine
-        return DeepSpeedEngine(denv, device, cfg=cfg, plan=plan, **kwargs)
-    raise ConfigError(f"engine.name={name!r} is not one of auto|single|ddp|deepspeed")
+            raise ValueError(f"engine.name={name} needs the run's batch plan (build_engine's "
+                             f"plan argument)")
+        return factory(denv, device, cfg=cfg, plan=plan, **kwargs)
+    return factory(denv, device, **kwargs)
 
 
 __all__ = ["Engine", "build_engine", "resolve_engine_name"]

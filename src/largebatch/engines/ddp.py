@@ -9,15 +9,16 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from largebatch.engines.base import Engine
+from largebatch.engines.native import NativeEngine
 from largebatch.models import sync_batchnorm
 
 
-class DDPEngine(Engine):
+class DDPEngine(NativeEngine):
     """Wraps the model in DDP; ``accumulate`` skips the all-reduce until the window's last
     micro-batch (``no_sync``), so accumulation costs one all-reduce per optimizer step."""
 
     name = "ddp"
+    _bucket_sq: Optional[list[torch.Tensor]] = None  # the probe's squared bucket norms
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Move to the device and wrap; DDP broadcasts rank 0's parameters to every rank
@@ -43,13 +44,13 @@ class DDPEngine(Engine):
         accumulated window gradient. One rank: nothing is reduced, ``.grad`` is read."""
         if self.world_size == 1:
             return "micro"
-        self._bucket_sq: list[torch.Tensor] = []
+        self._bucket_sq = []
         self.model.register_comm_hook(self._bucket_sq, _squaring_allreduce_hook)
         return "comm_hook"
 
     def pop_local_grad_sq_norm(self) -> Optional[torch.Tensor]:
         """Sum of the squared bucket norms since the last call (None: no bucket was reduced)."""
-        buckets = getattr(self, "_bucket_sq", None)
+        buckets = self._bucket_sq
         if not buckets:
             return None
         total = torch.stack(buckets).sum()

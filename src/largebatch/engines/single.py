@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from largebatch.engines.base import Engine
+from largebatch.engines.native import NativeEngine
 
 
-class SingleEngine(Engine):
+class SingleEngine(NativeEngine):
     """The embedded default: the model on one device, no process group."""
 
     name = "single"

@@ -40,7 +40,8 @@ from largebatch.config import ConfigError
 from largebatch.face.dist_ops import Group, all_gather_labels, all_gather_rows, all_reduce_, \
     gather_sizes, world
 from largebatch.face.margins import CombinedMargin
-from largebatch.face.shards import STATE_FORMAT, init_rows, shard_range
+from largebatch.engines.sharded import ShardedModule
+from largebatch.face.shards import STATE_FORMAT, init_rows, reshard, shard_range
 from largebatch.face.softmax_ce import margin_softmax_ce, normalize_rows
 
 
@@ -53,7 +54,7 @@ class _Window:
     normalizer: Optional[int]  # the window's global sample count (explicit windows only)
 
 
-class PartialFC(nn.Module):
+class PartialFC(ShardedModule, nn.Module):
     """Class-sharded margin-softmax head (see the module docstring).
 
     Args:
@@ -285,6 +286,10 @@ class PartialFC(nn.Module):
         if state.get("format") != STATE_FORMAT or mine != theirs:
             raise ValueError(f"PartialFC: state is for (classes, d, start, num_local)={theirs}, "
                              f"this rank holds {mine}: reshard(states, world, rank) first")
+
+    def resharded_state(self, states: Any, world_size: int, rank: int) -> dict[str, Any]:
+        """This rank's state at ``world_size`` from every old rank's (``shards.reshard``)."""
+        return reshard(states, world_size, rank)
 
     @staticmethod
     def _pre_load_hook(module: "PartialFC", state_dict: dict, prefix: str, *_: Any) -> None:

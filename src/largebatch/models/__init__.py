@@ -1,4 +1,4 @@
-"""Model registry."""
+"""Models: every ``model.name`` is registered here, with whether it is a face backbone."""
 from __future__ import annotations
 
 import torch
@@ -8,12 +8,25 @@ from largebatch.config import ConfigError, ModelConfig
 from largebatch.models.faces import TinyFace
 from largebatch.models.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from largebatch.models.mnist import MLP, SeedCNN
+from largebatch.registry import MODELS
 
-_MODELS = {"seed_cnn": lambda cfg: SeedCNN(), "mlp": lambda cfg: MLP(hidden=cfg.hidden)}
+# Classifiers (``task.name=classification``) build from the model section; face backbones
+# (``face=True``) also take the embedding size. ``tiny_face`` is the CPU-test scale (any image
+# size, no BatchNorm); the IResNets need 112 x 112 inputs.
+MODELS.register("seed_cnn", lambda cfg: SeedCNN())
+MODELS.register("mlp", lambda cfg: MLP(hidden=cfg.hidden))
+MODELS.register("tiny_face", lambda cfg, embedding_size: TinyFace(
+    embedding_size=embedding_size, width=cfg.hidden // 4 or 1, dropout=cfg.dropout,
+    channels_last=cfg.channels_last), face=True)
+for _name in IRESNET_LAYERS:
+    MODELS.register(_name, lambda cfg, embedding_size, _name=_name: iresnet(
+        _name, embedding_size=embedding_size, dropout=cfg.dropout,
+        channels_last=cfg.channels_last), face=True)
 
-#: ``model.name`` values that are face backbones (``task.name=face``). ``tiny_face`` is the
-#: CPU-test scale (any image size, no BatchNorm); the IResNets need 112 x 112 inputs.
-FACE_BACKBONES = ("tiny_face", *IRESNET_LAYERS)
+
+def face_backbones() -> tuple[str, ...]:
+    """The registered ``model.name`` values that are face backbones."""
+    return tuple(n for n in MODELS.names() if MODELS.trait(n, "face", False))
 
 
 def build_face_backbone(cfg: ModelConfig, embedding_size: int) -> nn.Module:
@@ -26,15 +39,10 @@ def build_face_backbone(cfg: ModelConfig, embedding_size: int) -> nn.Module:
     Raises:
         ConfigError: when ``cfg.name`` is not a face backbone.
     """
-    if cfg.name == "tiny_face":
-        model: nn.Module = TinyFace(embedding_size=embedding_size, width=cfg.hidden // 4 or 1,
-                                    dropout=cfg.dropout, channels_last=cfg.channels_last)
-    elif cfg.name in IRESNET_LAYERS:
-        model = iresnet(cfg.name, embedding_size=embedding_size, dropout=cfg.dropout,
-                        channels_last=cfg.channels_last)
-    else:
+    if not MODELS.trait(cfg.name, "face", False):
         raise ConfigError(f"model.name={cfg.name!r} is not a face backbone (one of "
-                          f"{'|'.join(FACE_BACKBONES)} with task.name=face)")
+                          f"{'|'.join(face_backbones())} with task.name=face)")
+    model = MODELS.get(cfg.name)(cfg, embedding_size)
     model.sync_bn = cfg.sync_bn
     return model
 
@@ -58,9 +66,15 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate ``cfg.name`` (validated by the config already)."""
-    return _MODELS[cfg.name](cfg)
+    """Instantiate the classifier ``cfg.name``.
+
+    Raises:
+        ConfigError: an unknown name, or a face backbone (it needs ``task.name=face``).
+    """
+    if MODELS.trait(cfg.name, "face", False):
+        raise ConfigError(f"model.name={cfg.name!r} is a face backbone: use task.name=face")
+    return MODELS.get(cfg.name)(cfg)
 
 
-__all__ = ["FACE_BACKBONES", "IResNet", "TinyFace", "build_face_backbone", "build_model",
+__all__ = ["face_backbones", "IResNet", "TinyFace", "build_face_backbone", "build_model",
            "iresnet", "sync_batchnorm"]

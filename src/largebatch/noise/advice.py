@@ -14,7 +14,8 @@ B_crit ~ B_noise).
 
 Everything here is a pure function. The batch arithmetic of a candidate batch (its
 accumulation and the LR the configured scaling rule gives it) comes from the batch plan
-(``largebatch.plan.resolve_batch`` and ``scaled_lr``), never recomputed here.
+(``BatchPlan.with_global_size``: same micro size, world and LR rule), and so does the step
+between valid batches (``BatchPlan.batch_unit``, micro x world); none is recomputed here.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from largebatch.config import ConfigError
-from largebatch.plan import BatchPlan, resolve_batch, scaled_lr
+from largebatch.plan import BatchPlan
 
 
 def steps_ratio(batch: float, b_noise: float) -> float:
@@ -47,6 +48,7 @@ def critical_batch(b_noise: float) -> float:
 
 
 def _check_positive(batch: float, b_noise: float) -> None:
+    """ValueError unless the batch and the noise scale are finite and positive."""
     if not (batch > 0 and math.isfinite(batch)):
         raise ValueError(f"batch {batch} must be finite and > 0")
     if not (b_noise > 0 and math.isfinite(b_noise)):
@@ -67,48 +69,29 @@ class NoiseEstimate:
         return dataclasses.asdict(self)
 
 
-def summarize(values: Iterable[Optional[float]]) -> Optional[NoiseEstimate]:
+def summarize(values: Iterable[Optional[float | str]]) -> Optional[NoiseEstimate]:
     """Median and interquartile band of the per-step noise-scale estimates of the second half.
 
     The per-step estimates are ratios of EMAs, hence strongly correlated from step to step: a
     standard error would claim far more precision than the run has. The band is the spread
     of the estimate over the second half (the first half is the EMAs' warm-up and the
     fastest-changing part of training). Non-finite and non-positive values (a step where the
-    |G|^2 estimate was <= 0, i.e. noise dominated) are dropped.
+    |G|^2 estimate was <= 0, i.e. noise dominated) are dropped; so are None and the strings
+    'nan'/'inf' as which metrics.jsonl writes non-finite numbers.
 
     Returns:
         The estimate, or None when no usable value is left.
     """
     values = list(values)
     tail = values[len(values) // 2:]
-    usable = sorted(v for v in tail if v is not None and math.isfinite(v) and v > 0)
+    numbers = (float(v) for v in tail if v is not None)  # float('nan') reads the strings
+    usable = sorted(v for v in numbers if math.isfinite(v) and v > 0)
     if not usable:
         return None
     if len(usable) == 1:
         return NoiseEstimate(usable[0], usable[0], usable[0], 1)
     q1, q2, q3 = statistics.quantiles(usable, n=4, method="inclusive")
     return NoiseEstimate(q2, q1, q3, len(usable))
-
-
-def replan(plan: BatchPlan, global_size: int) -> BatchPlan:
-    """The plan at another global batch with the same micro size, world and LR rule.
-
-    The accumulation comes from ``resolve_batch`` and the LR from ``scaled_lr`` at the
-    plan's own base batch (so with ``optim.base_batch`` unset, the LR keeps meaning "the LR
-    at the configured batch"). Warmup is left as it was: it does not enter the advice.
-
-    Raises:
-        ConfigError: ``global_size`` is not a multiple of micro x world.
-    """
-    g, m, a = resolve_batch(global_size, plan.micro_size, None, plan.world_size)
-    return dataclasses.replace(plan, global_size=g, micro_size=m, accum_steps=a,
-                               peak_lr=scaled_lr(plan.base_lr, plan.scale_rule, g,
-                                                 plan.base_batch))
-
-
-def batch_unit(plan: BatchPlan) -> int:
-    """The step between valid global batches at this micro size and world: micro x world."""
-    return plan.micro_size * plan.world_size
 
 
 def recommended_batch(b_noise: float, plan: BatchPlan) -> int:
@@ -120,7 +103,7 @@ def recommended_batch(b_noise: float, plan: BatchPlan) -> int:
     ``batch.max_global_size`` (when set) and the dataset, both floored to a multiple.
     """
     _check_positive(1.0, b_noise)
-    unit = batch_unit(plan)
+    unit = plan.batch_unit
     cap = plan.dataset_size
     if plan.max_global_size is not None:
         cap = min(cap, plan.max_global_size)
@@ -135,7 +118,7 @@ def candidate_batches(b_noise: float, plan: BatchPlan, recommended: int) -> list
     """The batches the advice table shows: the configured one, the recommended one, and the
     valid batches unit x 2^k (k >= 0, unit = micro x world) from B_noise/4 to 4 B_noise (the
     nearest one when none falls in that range), at most the dataset size."""
-    unit = batch_unit(plan)
+    unit = plan.batch_unit
     powers, k = [], 0
     while unit * 2 ** k <= min(4 * b_noise, plan.dataset_size):
         if unit * 2 ** k >= b_noise / 4:
@@ -161,7 +144,8 @@ def advise(estimate: NoiseEstimate, plan: BatchPlan) -> dict[str, Any]:
     """
     b = estimate.value
     rec = recommended_batch(b, plan)
-    rows = [_row(replan(plan, g), estimate) for g in candidate_batches(b, plan, rec)]
+    rows = [_row(plan.with_global_size(g), estimate)
+            for g in candidate_batches(b, plan, rec)]
     by_batch = {r["global_size"]: r for r in rows}
     return {"noise_scale": estimate.to_json(), "critical_batch": critical_batch(b),
             "configured": by_batch[plan.global_size], "recommended": by_batch[rec],
@@ -169,6 +153,7 @@ def advise(estimate: NoiseEstimate, plan: BatchPlan) -> dict[str, Any]:
 
 
 def _row(plan: BatchPlan, est: NoiseEstimate) -> dict[str, Any]:
+    """One table row: the plan at that batch and the model's S/S_min, E/E_min with ranges."""
     g = plan.global_size
     # S falls and E rises with B_noise's band the opposite ways: order each range low-high.
     steps = sorted((steps_ratio(g, est.low), steps_ratio(g, est.high)))

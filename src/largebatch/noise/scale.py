@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from largebatch.engines.base import GradientProbe
+
 #: Decay of both EMAs: a memory of about 1 / (1 - 0.95) = 20 steps, enough to average the
 #: per-step estimates (each is very noisy) while following a noise scale that drifts in training.
 EMA_DECAY = 0.95
@@ -192,7 +194,9 @@ class NoiseScaleMonitor:
                  engine_label: str = "", decay: float = EMA_DECAY,
                  say: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
         self.engine = engine
-        self.kind = engine.start_grad_probe() if enabled else ""
+        # Only an engine that can show a rank's gradient before its reduction can measure it.
+        probe = enabled and isinstance(engine, GradientProbe)
+        self.kind = engine.start_grad_probe() if probe else ""
         self.enabled = enabled
         self.estimator = NoiseScaleEstimator(decay)
         self.metrics: dict[str, Optional[float]] = {}
@@ -262,10 +266,17 @@ class NoiseScaleMonitor:
         return {f"final_{k}": self.metrics.get(k) for k in METRICS}
 
     def state_dict(self) -> dict[str, Any]:
-        """The EMAs (the trainer saves them only when enabled)."""
-        return self.estimator.state_dict()
+        """The EMAs, the last metrics and the last step's own estimates ({} when off)."""
+        if not self.enabled:
+            return {}
+        return {**self.estimator.state_dict(), "metrics": dict(self.metrics),
+                "raw": None if self.raw is None else list(self.raw)}
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
-        """Restore the EMAs (None: a set written without the estimate; start afresh)."""
-        if state is not None:
-            self.estimator.load_state_dict(state)
+        """Restore ``state_dict`` (None or {}: a set written without the estimate: afresh)."""
+        if not state:
+            return
+        self.estimator.load_state_dict(state)
+        self.metrics = dict(state.get("metrics", {}))
+        raw = state.get("raw")
+        self.raw = None if raw is None else (float(raw[0]), float(raw[1]))

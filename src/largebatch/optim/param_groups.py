@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from largebatch.config import ADAPT_RULES
+from largebatch.config.validate import ADAPT_RULES
 
 
 def param_groups(params: nn.Module | list[nn.Parameter], weight_decay: float, exclude_1d: bool,

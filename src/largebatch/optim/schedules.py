@@ -35,6 +35,7 @@ compose with any main schedule (e.g. the ``reduce_lr()`` fallback).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -123,8 +124,8 @@ class LRSchedule:
         check_schedule(cfg)
         # Several optimizers (the backbone's and a sharded head's) follow one LR; the first
         # is the one ``lr`` reports.
-        self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) or \
-            hasattr(optimizer, "param_groups") else list(optimizer)
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) \
+            else [optimizer]
         self.optimizer = self.optimizers[0]
         self.reduce_mean = reduce_mean or (lambda x: x)
         self.cfg = cfg
@@ -184,6 +185,21 @@ class LRSchedule:
         reductions (``scale``) stay."""
         self.peak_lr = float(peak_lr)
         self._apply()
+
+    def retarget(self, peak_lr: float, warmup_steps: int, warmup_start_factor: float) -> None:
+        """A new peak LR and warmup (``optim.lr=auto``: the range test found them); the LR of
+        the current step is applied at once. The config section stays what the user wrote
+        (a copy of it carries the new start factor)."""
+        self.peak_lr, self.warmup_steps = float(peak_lr), int(warmup_steps)
+        self.cfg = dataclasses.replace(self.cfg, warmup_start_factor=float(warmup_start_factor))
+        self._apply()
+
+    def hold(self, lr: float) -> None:
+        """Set every group's LR to ``lr`` now, outside the schedule (the LR range test's ramp);
+        the schedule's own LR comes back at the next ``step`` or ``load_state_dict``."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     # ---- plateau ------------------------------------------------------------------------------
     @property

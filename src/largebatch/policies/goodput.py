@@ -1,424 +1,126 @@
-"""``batch.adapt: goodput``: the global batch that maximises goodput, chosen during training.
+"""``batch.adapt: goodput`` as a batch policy: the goodput model (``goodput_model``) asked at
+the run's moments, its choices returned as plan changes.
 
-Goodput (Pollux, Qiao et al., OSDI 2021) is the training progress per second:
-
-    goodput(M) = throughput(M) x efficiency(M)
-
-* **Efficiency** from the live noise scale B (``largebatch.noise.scale``, B_simple) and the
-  empirical model of McCandlish et al. 2018: reaching a loss takes E(M) = E_min (1 + M / B)
-  samples at batch M, so a sample at batch M is worth E(M0) / E(M) = (B + M0) / (B + M) of a
-  sample at the initial batch M0 (the LR following ``optim.scale_rule``). B is read from the
-  trainer's per-step two-batch estimates as sum tr(Σ) / sum |G|² since the last decision (the
-  earlier intervals carried at half weight, ``noise_scale``): on one process at a large micro
-  size the two batches are only 2x apart and a single step's tr(Σ) is mostly noise.
-* **Throughput** = M / T(m, a), with the optimizer step's time for micro size m and
-  accumulation a modelled as ``T = c * a * tau(m) + gamma``: ``tau(m)`` is one forward +
-  backward, timed once at every candidate micro size (the first decision; weights, gradients,
-  optimizer state and RNG are restored afterwards, so training is unchanged). Measured, not
-  fitted: on a CPU the time per sample is not monotone in m (caches; seed_cnn on 2 cores:
-  0.23 ms at 30, 0.12 ms at 240, 0.18 ms at 960), so a line through them would mislead;
-  ``c`` and ``gamma`` (what a step costs beyond its micro-batches: the update, the all-reduce's
-  tail) are fitted to this run's own step times by least squares over the recent steps. With
-  one accumulation seen so far, ``gamma`` is taken as 0 (no gain from accumulation is claimed).
-
-Candidates are ``M = m x a x world`` with m the configured micro size, or (``batch.
-adapt_max_micro``) sizes from it up to that limit in powers of two and the limit itself, and
-``a >= 1`` (``>= 2`` on one process, where the window's micro-batches are the noise scale's
-small batches), up to ``batch.max_global_size`` (default: the training set). The accumulation
-may change at any decision; a micro size only where the rank's position in the epoch is a
-whole number of its micro-batches (always at an epoch start): the loader re-cuts the rest of
-the epoch from that sample on, so no sample is skipped or repeated and a resume finds the
-same position. A change needs a predicted gain of ``MIN_GAIN``: noise in the
-step times must not make the batch flap. Every rank decides alike: the model's inputs are
-averaged over ranks (one small collective per decision, not per step).
-
-Why it is written here: AdaptDL (Pollux's code) needs its own trainer, scheduler and data
-loader, has no DeepSpeed path and is unmaintained; the model above is a page of code, and it
-reads the noise scale the trainer already measures.
+After every applied step inside an epoch (and at every epoch start) the policy applies a
+pending micro size whose position has come, and decides when a decision is due (always at an
+epoch start): every rank at the same step, one small collective per decision. Each judged
+decision is logged as an ``adapt_decision`` record, whether the batch changes or not: the
+noise scale, the throughput model (c, gamma), the best candidate and its predicted gain over
+the current batch. The model learns from every applied step's time and noise-scale estimates.
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Callable, Optional, Sequence
 
-import torch
-from torch import nn
-
-from largebatch.config import ConfigError
+from largebatch.config import Config, ConfigError
 from largebatch.plan import BatchPlan
-
-#: The smallest predicted goodput gain that changes the batch (hysteresis against noise).
-MIN_GAIN = 0.05
-#: Per-step noise-scale estimates (weighted count) a decision needs.
-MIN_ESTIMATES = 10
-#: Recent step times the throughput fit uses.
-WINDOW = 64
-#: Weight of the earlier intervals' noise-scale sums at each decision (the last one counts 1).
-CARRY = 0.5
+from largebatch.policies.base import BatchPolicy, PlanChange, PolicyView
+from largebatch.policies.goodput_model import (  # noqa: F401 (re-exported for callers)
+    GoodputAdapter, efficiency, fit_line, micro_sizes, time_forward_backward)
+from largebatch.tune.exact_state import preserved
 
 
-def efficiency(batch: float, noise_scale: float, initial_batch: float) -> float:
-    """Progress per sample at ``batch`` relative to ``initial_batch`` (McCandlish et al.)."""
-    return (noise_scale + initial_batch) / (noise_scale + batch)
-
-
-def micro_candidates(micro: int, max_micro: Optional[int]) -> list[int]:
-    """``micro``, its doublings below ``max_micro``, and ``max_micro`` itself."""
-    if max_micro is None or max_micro <= micro:
-        return [micro]
-    out, m = [], micro
-    while m < max_micro:
-        out.append(m)
-        m *= 2
-    return out + [max_micro]
-
-
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares ``y = a + b x``; with one distinct x: ``(0, mean y / mean x)``."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx <= 1e-12 * max(1.0, mx * mx):
-        return 0.0, my / mx
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b
-
-
-def time_forward_backward(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
-                          y: torch.Tensor, sizes: Sequence[int], autocast: Callable,
-                          repeats: int = 4) -> list[float]:
-    """Seconds of one forward + backward at each micro size (the fastest of ``repeats`` after
-    one warm-up), on the real samples ``x, y`` tiled to size. Leaves gradients behind: call it
-    inside ``largebatch.tune.micro_batch.preserved``."""
-    out = []
-    for m in sizes:
-        idx = torch.arange(m, device=x.device) % len(x)
-        xm, ym = x[idx], y[idx]
-        best = math.inf
-        for rep in range(repeats + 1):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast():
-                loss = loss_fn(model, xm, ym)
-            loss.backward()
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            if rep:  # the first pass warms allocator and kernels up
-                best = min(best, time.perf_counter() - t0)
-        out.append(best)
-    return out
-
-
-class GoodputAdapter:
-    """Decides the batch; holds the throughput model (``state_dict`` for an exact resume).
+class GoodputPolicy(BatchPolicy):
+    """The goodput-maximising batch, re-chosen every ``batch.adapt_every_steps`` steps.
 
     Args:
-        plan: the run's initial plan (M0, the micro size, world, dataset, limits).
-        every_steps: optimizer steps between decisions.
-        max_micro: ``batch.adapt_max_micro`` (None: the micro size stays).
-        can_change_micro: whether the loader can re-cut its micro-batches.
+        adapter: the goodput model (holds the profile, the step times, the pending size).
+        engine: the run's engine (the profile times its unwrapped model, restores its state).
+        loss: the task's micro-batch loss ``loss(model, x, y)``.
     """
 
-    active = True
+    name = "goodput"
+    needs_noise_scale = True
 
-    def __init__(self, plan: BatchPlan, every_steps: int, max_micro: Optional[int],
-                 can_change_micro: bool) -> None:
-        self.initial_batch = plan.global_size
-        self.every_steps = every_steps
-        self.micros = micro_candidates(plan.micro_size, max_micro if can_change_micro else None)
-        self.max_global = plan.max_global_size or plan.dataset_size
-        self.min_accum = 2 if plan.world_size == 1 else 1
-        self.profile: dict[int, float] = {}  # micro size -> seconds of forward + backward
-        self.steps: list[tuple[int, int, float]] = []  # (micro, accum, seconds), recent
-        self.last_decision_step = 0
-        self.decisions = 0
-        #: a chosen micro size waiting for a position it divides: (micro, accum)
-        self.pending: Optional[tuple[int, int]] = None
-        self.sums = [0.0, 0.0, 0.0]  # |G|² and tr(Σ) per-step estimates, their (weighted) count
-        #: what the last judged decision weighed (an ``adapt_decision`` record; not state)
-        self.last_judgement: Optional[dict[str, Any]] = None
+    def __init__(self, adapter: GoodputAdapter, engine: Any,
+                 loss: Callable[..., Any]) -> None:
+        self.adapter, self.engine, self.loss = adapter, engine, loss
 
-    # ---- what the trainer feeds in -------------------------------------------------------
-    def observe(self, micro: int, n_micro: int, seconds: float,
-                raw: Optional[tuple[float, float]] = None) -> None:
-        """One applied optimizer step of ``n_micro`` micro-batches of ``micro`` samples, and
-        its own noise-scale estimates ``raw = (|G|², tr(Σ))`` (None: it gave none)."""
-        self.steps.append((micro, n_micro, float(seconds)))
-        del self.steps[:-WINDOW]
-        if raw is not None and all(math.isfinite(v) for v in raw):
-            self.sums[0] += raw[0]
-            self.sums[1] += raw[1]
-            self.sums[2] += 1.0
+    def _profile(self, view: PolicyView) -> Callable[[list[int]], list[float]]:
+        """``profile(sizes)`` on the unwrapped model and the last micro-batch, with weights,
+        gradients, optimizer state, train mode and RNG restored afterwards."""
+        def profile(sizes: list[int]) -> list[float]:
+            x, y = view.sample
+            model = self.engine.unwrapped()
+            with preserved(model, self.engine.optimizer):
+                model.train()
+                return time_forward_backward(model, self.loss, x, y, sizes,
+                                             self.engine.autocast)
+        return profile
 
-    def noise_scale(self) -> Optional[float]:
-        """B_simple for a decision: the sum of the per-step tr(Σ) estimates over the sum of the
-        |G|² ones since the last decision, the earlier intervals' sums carried with weight
-        ``CARRY`` (a ratio of sums: the per-step ratios are far too noisy; the monitor's EMA
-        remembers ~20 steps, this the interval and some of the ones before). None while there
-        are fewer than ``MIN_ESTIMATES`` or the |G|² sum is not positive."""
-        g2, trace, n = self.sums
-        if n < MIN_ESTIMATES or g2 <= 0 or trace <= 0:
-            return None
-        return trace / g2
+    def at_epoch_start(self, view: PolicyView) -> Sequence[PlanChange]:
+        """A pending micro size (position 0 allows any), then a decision (always due)."""
+        return self._adapt(view)
 
-    def due(self, step: int) -> bool:
-        """Whether a decision is due after ``step`` optimizer steps (same on every rank)."""
-        return step - self.last_decision_step >= self.every_steps
+    def after_step(self, view: PolicyView) -> Sequence[PlanChange]:
+        """Learn from the step; then a pending micro size and a due decision."""
+        self.adapter.observe(view.plan.micro_size, view.micro_batches, view.step_seconds,
+                             view.noise_raw)
+        return () if view.epoch_end else self._adapt(view)
 
-    # ---- the model ------------------------------------------------------------------------
-    def tau_of(self, m: int) -> float:
-        """Seconds of one forward + backward at micro size ``m``: the profile's, or (a size it
-        does not hold) the nearest profiled size's time per sample times ``m``."""
-        if m in self.profile:
-            return self.profile[m]
-        near = min(self.profile, key=lambda k: abs(k - m))
-        return self.profile[near] * m / near
+    def _adapt(self, view: PolicyView) -> list[PlanChange]:
+        adapter, plan, changes = self.adapter, view.plan, []
+        adapter.last_judgement = None
+        ready = adapter.pending_at(plan, view.position)
+        if ready is not None:  # the same global batch, in the micro-batches chosen for it
+            adapter.pending = None
+            before, plan = plan, plan.resized(*ready)
+            changes.append(_change(before, plan, view.step, {"reason": "pending_micro"}))
+        if not (view.epoch_start or adapter.due(view.step)):
+            return changes
+        choice = adapter.decide(plan, view.step, view.position, view.reduce_mean,
+                                self._profile(view))
+        if adapter.last_judgement is not None:  # why the batch stays or changes, every time
+            view.log({"kind": "adapt_decision", "samples": view.samples,
+                      "global_size": plan.global_size, "micro_size": plan.micro_size,
+                      "accum_steps": plan.accum_steps, **adapter.last_judgement})
+        if choice is not None:
+            new = plan.resized(choice["micro_size"], choice["accum_steps"])
+            changes.append(_change(plan, new, view.step, {
+                "reason": "decision", "noise_scale": choice["noise_scale"],
+                "predicted_gain": choice["gain"]}))
+        return changes
 
-    def step_model(self) -> tuple[float, float]:
-        """``(c, gamma)`` of ``T = c * a * tau(m) + gamma`` from the recent steps."""
-        xs = [a * self.tau_of(m) for m, a, _ in self.steps]
-        ys = [t for _, _, t in self.steps]
-        gamma, c = fit_line(xs, ys)
-        if c <= 0 or gamma < 0:  # noise made the fit unphysical: no per-step overhead
-            gamma, c = 0.0, sum(ys) / sum(xs)
-        return c, gamma
+    def max_window(self, plan: BatchPlan, position: int) -> Optional[int]:
+        """A window that ends where the pending micro size divides the position."""
+        return self.adapter.max_window(plan, position)
 
-    def goodput(self, micro: int, accum: int, world: int, noise_scale: float, c: float,
-                gamma: float) -> float:
-        """Samples per second at (micro, accum) weighted by their efficiency."""
-        batch = micro * accum * world
-        seconds = c * accum * self.tau_of(micro) + gamma
-        return batch / seconds * efficiency(batch, noise_scale, self.initial_batch)
-
-    def best(self, plan: BatchPlan, noise_scale: float, c: float, gamma: float,
-             micros: Sequence[int]) -> tuple[int, int, float]:
-        """The candidate with the highest goodput: ``(micro, accum, goodput)``."""
-        w = plan.world_size
-        top = (plan.micro_size, plan.accum_steps,
-               self.goodput(plan.micro_size, plan.accum_steps, w, noise_scale, c, gamma))
-        for m in micros:
-            for a in range(self.min_accum, max(self.min_accum, self.max_global // (m * w)) + 1):
-                if m * a * w > self.max_global:
-                    break
-                g = self.goodput(m, a, w, noise_scale, c, gamma)
-                if g > top[2]:
-                    top = (m, a, g)
-        return top
-
-    # ---- a decision -------------------------------------------------------------------------
-    def decide(self, plan: BatchPlan, step: int, position: int,
-               reduce_mean: Callable[[list[float]], list[float]],
-               profile: Callable[[list[int]], list[float]]) -> Optional[dict[str, Any]]:
-        """Choose the batch after ``step`` steps; None when it stays (or cannot be judged yet).
-
-        Every rank must call it at the same step (a collective). ``position`` is this rank's
-        samples into the epoch: the epoch goes on in whole micro-batches, so a micro size that
-        does not divide it is not taken now; its global batch is, through the current micro
-        size, and the micro size follows (``pending``) after the next step, shortened if need
-        be (``window_micro_batches``) to end where the new size divides the position.
-        ``profile(sizes)`` times a forward + backward at each size (the first decision only).
-
-        Returns:
-            ``{"micro_size", "accum_steps", "noise_scale", "gain", "c", "gamma"}``: what to
-            run from the next step on.
-        """
-        self.last_decision_step = step
-        noise_scale = self.noise_scale()
-        if noise_scale is None or not self.steps:
-            return None
-        self.sums = [CARRY * v for v in self.sums]
-        if not self.profile:  # one profile per run (kept in the checkpoint)
-            seconds = reduce_mean(profile(self.micros))
-            self.profile = {m: max(float(t), 1e-9) for m, t in zip(self.micros, seconds)}
-        c, gamma = self.step_model()
-        noise, c, gamma = reduce_mean([float(noise_scale), c, gamma])  # every rank alike
-        micro, accum, best = self.best(plan, noise, c, gamma, self.micros)
-        if position % micro and micro % plan.micro_size:  # neither now nor after aligning
-            micro, accum, best = self.best(plan, noise, c, gamma,
-                                           [m for m in self.micros if position % m == 0])
-        now = self.goodput(plan.micro_size, plan.accum_steps, plan.world_size, noise, c, gamma)
-        self.pending = None
-        stays = (micro, accum) == (plan.micro_size, plan.accum_steps) or \
-            best < now * (1 + MIN_GAIN)
-        self.last_judgement = {"step": step, "noise_scale": noise, "c": c, "gamma": gamma,
-                               "best_micro": micro, "best_accum": accum,
-                               "best_global": micro * accum * plan.world_size,
-                               "predicted_gain": best / now, "changes": not stays}
-        if stays:
-            return None
-        if position % micro:  # the global batch now; the micro size when the position allows
-            self.pending = (micro, accum)
-            micro, accum = plan.micro_size, micro * accum // plan.micro_size
-        self.decisions += 1
-        if (micro, accum) == (plan.micro_size, plan.accum_steps):
-            return None  # only the micro size changes, later
-        return {"micro_size": micro, "accum_steps": accum, "noise_scale": noise,
-                "gain": best / now, "c": c, "gamma": gamma}
-
-    def window_micro_batches(self, n_micro: int, position: int, micro: int) -> int:
-        """The next window's micro-batches: ``n_micro``, or fewer so that it ends where the
-        pending micro size divides the position (one short step, like an epoch's last)."""
-        if self.pending is None:
-            return n_micro
-        return max(1, min(n_micro, (-position % self.pending[0]) // micro))
-
-    def pending_at(self, position: int) -> Optional[tuple[int, int]]:
-        """The pending ``(micro, accum)`` when this rank's ``position`` allows it, else None."""
-        if self.pending is not None and position % self.pending[0] == 0:
-            return self.pending
-        return None
-
-    # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The throughput model and the decision clock (plain numbers)."""
-        return {"profile": {str(k): v for k, v in self.profile.items()}, "sums": list(self.sums),
-                "steps": [list(s) for s in self.steps],
-                "last_decision_step": self.last_decision_step, "decisions": self.decisions,
-                "pending": None if self.pending is None else list(self.pending)}
+        return self.adapter.state_dict()
 
-    def load_state_dict(self, state: Optional[dict[str, Any]], resharded: bool = False) -> None:
-        """Restore ``state_dict`` (None: a set from a run without the adapter; start afresh).
-        ``resharded``: the set was saved at another world size. A pending micro size is then
-        dropped: it was chosen as (micro, accum) for the old world's ranks and positions, and
-        applied here it would change the global batch; the next decision chooses afresh."""
-        if state is None:
-            return
-        self.profile = {int(k): float(v) for k, v in state["profile"].items()}
-        self.sums = [float(v) for v in state["sums"]]
-        self.steps = [(int(m), int(a), float(t)) for m, a, t in state["steps"]]
-        self.last_decision_step = int(state["last_decision_step"])
-        self.decisions = int(state["decisions"])
-        pending = None if resharded else state.get("pending")
-        self.pending = None if pending is None else (int(pending[0]), int(pending[1]))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adapter.load_state_dict(state)
+
+    def load_resharded(self, state: dict[str, Any], old_world: int) -> None:
+        """A pending micro size was chosen for the old world's ranks: dropped."""
+        self.adapter.load_state_dict(state, resharded=True)
 
 
-class FixedBatch:
-    """``batch.adapt`` off: the adapter's interface as explicit no-ops, so that the trainer's
-    loop reads the same with and without adaptation."""
-
-    active = False
-
-    def window_micro_batches(self, n_micro: int, position: int, micro: int) -> int:
-        """The window as planned."""
-        return n_micro
-
-    def observe(self, micro: int, n_micro: int, seconds: float,
-                raw: Optional[tuple[float, float]] = None) -> None:
-        """Nothing to learn."""
-
-    def state_dict(self) -> None:
-        """No state (a checkpoint's ``adapt`` is None)."""
-        return None
-
-    def load_state_dict(self, state: Optional[dict[str, Any]], resharded: bool = False) -> None:
-        """Nothing to restore (a set from an adaptive run continues at its saved plan)."""
+def _change(before: BatchPlan, new: BatchPlan, step: int, why: dict[str, Any]) -> PlanChange:
+    """An ``adapt`` plan change from ``before`` to ``new`` with the line rank 0 prints."""
+    extra = (f", noise scale {why['noise_scale']:.1f}, predicted goodput "
+             f"x{why['predicted_gain']:.2f}" if "noise_scale" in why else
+             " (the micro size chosen before)")
+    line = (f"batch.adapt: step {step}: global batch {before.global_size} -> "
+            f"{new.global_size} (micro {new.micro_size} x accum {new.accum_steps} x world "
+            f"{new.world_size}), peak LR {new.peak_lr:.4g}{extra}")
+    return PlanChange("adapt", plan=new, record=why, announce=line)
 
 
-# ---- the trainer's side ----------------------------------------------------------------------
-def build_adapter(cfg: Any, plan: BatchPlan,
-                  train_loader: Any) -> "GoodputAdapter | FixedBatch":
-    """The run's adapter for ``batch.adapt=goodput`` (``FixedBatch`` when off)."""
+def build_goodput(cfg: Config, plan: BatchPlan, can_change_micro: bool, engine: Any,
+                  loss: Callable[..., Any]) -> list[BatchPolicy]:
+    """``[GoodputPolicy]`` for ``batch.adapt=goodput``, else ``[]``.
+
+    Raises:
+        ConfigError: goodput on one process without accumulation (no small batches).
+    """
     b = cfg.batch
     if b.adapt != "goodput":
-        return FixedBatch()
+        return []
     if plan.world_size == 1 and plan.accum_steps < 2:
         raise ConfigError(f"batch.adapt=goodput on one process needs batch.accum_steps >= 2 "
                           f"(the noise scale's small batches are the window's micro-batches); "
                           f"got micro {plan.micro_size} x accum {plan.accum_steps}, e.g. "
                           f"batch.micro_size={max(1, plan.global_size // 2)}")
-    return GoodputAdapter(plan, b.adapt_every_steps, b.adapt_max_micro,
-                          can_change_micro=hasattr(train_loader, "set_batch_size"))
-
-
-def profile_on(trainer: Any) -> Callable[[list[int]], list[float]]:
-    """``profile(sizes)`` on ``trainer``'s unwrapped model and last micro-batch, with weights,
-    gradients, optimizer state, train mode and RNG restored afterwards."""
-    from largebatch.tune.micro_batch import preserved
-
-    def profile(sizes: list[int]) -> list[float]:
-        x, y = trainer.last_micro_batch
-        model = trainer.engine.unwrapped()
-        with preserved(model, trainer.engine.optimizer):
-            model.train()
-            return time_forward_backward(model, trainer.task.loss, x, y, sizes,
-                                         trainer.engine.autocast)
-    return profile
-
-
-def adapt_batch(trainer: Any, position: int, epoch_start: bool = False) -> bool:
-    """After an applied step (or at an epoch start) at this rank's ``position`` (samples into
-    the epoch): a pending micro size whose time has come, and a decision when one is due
-    (always at an epoch start). Returns whether the micro size changed (the trainer then
-    re-cuts the epoch's micro-batches from ``position`` on).
-
-    Every rank calls it after every applied step: what it does depends only on the step and
-    the position, identical on all ranks, so its collective (a decision's) stays matched.
-    Each judged decision is logged as an ``adapt_decision`` record, whether the batch changes
-    or not: the noise scale, the throughput model (c, gamma), the best candidate and its
-    predicted gain over the current batch.
-    """
-    adapter, s = trainer.adapter, trainer.state
-    if not adapter.active:
-        return False
-    before = trainer.plan.micro_size
-    adapter.last_judgement = None
-    ready = adapter.pending_at(position)
-    if ready is not None:  # the same global batch, in the micro-batches chosen for it
-        adapter.pending = None
-        _apply(trainer, ready[0], ready[1], {"reason": "pending_micro"})
-    if epoch_start or adapter.due(s.step):
-        t0 = time.perf_counter()
-        choice = adapter.decide(trainer.plan, s.step, position,
-                                lambda v: trainer.engine.reduce_scalars(v, op="mean")
-                                if trainer.engine.world_size > 1 else v, profile_on(trainer))
-        s.train_time_s += time.perf_counter() - t0  # the decision (and profile) is training
-        if adapter.last_judgement is not None:  # why the batch stays or changes, every time
-            plan = trainer.plan  # (still the one before the change, if there is one)
-            trainer.logger.log({"kind": "adapt_decision", "samples": s.samples,
-                                "global_size": plan.global_size, "micro_size": plan.micro_size,
-                                "accum_steps": plan.accum_steps, **adapter.last_judgement})
-        if choice is not None:
-            _apply(trainer, choice["micro_size"], choice["accum_steps"],
-                   {"reason": "decision", "noise_scale": choice["noise_scale"],
-                    "predicted_gain": choice["gain"]})
-    return trainer.plan.micro_size != before
-
-
-def _apply(trainer: Any, micro: int, accum: int, why: dict[str, Any]) -> None:
-    """Run (micro, accum) from the next step: plan, LR by the rule, loader; record it."""
-    s, plan = trainer.state, trainer.plan
-    new = plan.resized(micro, accum)
-    trainer.plan = new
-    trainer.schedule.set_peak_lr(new.peak_lr)
-    if new.micro_size != plan.micro_size:
-        trainer.train_loader.set_batch_size(new.micro_size)
-    change = {"kind": "plan_change", "step": s.step, "samples": s.samples,
-              "time_s": s.train_time_s, "action": "adapt", **why,
-              "global_size": new.global_size, "micro_size": new.micro_size,
-              "accum_steps": new.accum_steps, "lr": trainer.schedule.lr}
-    s.plan_changes.append(change)
-    trainer.logger.log(change)
-    if trainer.engine.is_main:
-        extra = (f", noise scale {why['noise_scale']:.1f}, predicted goodput "
-                 f"x{why['predicted_gain']:.2f}" if "noise_scale" in why else
-                 " (the micro size chosen before)")
-        print(f"batch.adapt: step {s.step}: global batch {plan.global_size} -> "
-              f"{new.global_size} (micro {new.micro_size} x accum {new.accum_steps} x world "
-              f"{new.world_size}), peak LR {new.peak_lr:.4g}{extra}", flush=True)
-
-
-def recut_epoch(trainer: Any, rank_samples: int) -> tuple[Any, BatchPlan]:
-    """The rest of the epoch in micro-batches of the (adapted) plan's micro size, from this
-    rank's ``rank_samples``-th sample (a whole number of them: ``adapt_batch`` chose so):
-    the epoch's iterator and the plan, with the trainer's position counted in the new size."""
-    t0 = time.perf_counter()
-    plan, s = trainer.plan, trainer.state
-    s.consumed = rank_samples // plan.micro_size
-    trainer._epoch_micro = plan.micro_batches_per_epoch
-    batches = iter(trainer.train_loader)
-    for _ in range(s.consumed):  # as a resume at this position would
-        next(batches)
-    s.train_time_s += time.perf_counter() - t0
-    return batches, plan
+    adapter = GoodputAdapter(plan, b.adapt_every_steps, b.adapt_max_micro, can_change_micro)
+    return [GoodputPolicy(adapter, engine, loss)]

@@ -1,13 +1,18 @@
-"""What a plateau does to a run: the metric it follows, and batch growth (Smith et al. 2018).
+"""``schedule.name: plateau``: what a plateau of the evaluation metric does to a run.
 
-The plateau decision itself (torch's ``ReduceLROnPlateau`` bookkeeping) is the schedule's
-(``largebatch.optim.schedules``); this module holds the trainer's side of it.
+The plateau decision itself (torch's ``ReduceLROnPlateau`` bookkeeping) belongs to the schedule,
+which owns the LR (``largebatch.optim.schedules``): fed each evaluation's metric, it lowers the
+LR on a plateau (``action: reduce_lr``) or says ``grow_batch``. Then this policy grows the
+global batch through accumulation instead (Smith et al. 2018, "Don't decay the learning rate,
+increase the batch size"), and at ``batch.max_global_size`` asks for the LR cut after all.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional, Sequence
 
 from largebatch.config import Config, ConfigError
+from largebatch.optim.schedules import LRSchedule
+from largebatch.policies.base import BatchPolicy, PlanChange, PolicyView
 from largebatch.tasks.base import Metric, Task
 
 
@@ -29,18 +34,37 @@ def plateau_metric(cfg: Config, task: Task) -> Optional[Metric]:
     return metric
 
 
-def grow_batch(trainer: Any) -> None:
-    """Smith et al. 2018: grow the trainer's batch through accumulation; at
-    ``batch.max_global_size`` lower the LR instead. Records the change (``plan_change``)."""
-    s = trainer.state
-    grown = trainer.plan.grown(trainer.cfg.schedule.plateau.factor)
-    change = {"kind": "plan_change", "step": s.step, "samples": s.samples}
-    if grown is None:
-        trainer.schedule.reduce_lr()
-        change.update(action="reduce_lr", lr=trainer.schedule.lr)
-    else:
-        trainer.plan = grown
-        change.update(action="grow_batch", global_size=grown.global_size,
-                      accum_steps=grown.accum_steps)
-    s.plan_changes.append(change)
-    trainer.logger.log(change)
+class PlateauPolicy(BatchPolicy):
+    """Feeds every evaluation to the schedule's plateau tracker; grows the batch on its word.
+
+    Args:
+        schedule: the run's LR schedule (its ``on_eval`` is a collective: every rank calls it).
+        metric: the metric it follows (``plateau_metric``).
+        factor: ``schedule.plateau.factor`` (the batch grows by about its inverse).
+    """
+
+    name = "plateau"
+
+    def __init__(self, schedule: LRSchedule, metric: Metric, factor: float) -> None:
+        self.schedule, self.metric, self.factor = schedule, metric, factor
+
+    def after_eval(self, view: PolicyView) -> Sequence[PlanChange]:
+        """A plateau with ``action: grow_batch``: the grown plan, or at the cap an LR cut."""
+        if self.schedule.on_eval(view.metrics[self.metric.name]) != "grow_batch":
+            return ()
+        grown = view.plan.grown(self.factor)
+        if grown is None:  # at batch.max_global_size: lower the LR after all
+            return (PlanChange("reduce_lr", reduce_lr=True),)
+        return (PlanChange("grow_batch", plan=grown),)
+
+
+def build_plateau(cfg: Config, task: Task, schedule: LRSchedule) -> list[BatchPolicy]:
+    """``[PlateauPolicy]`` for a plateau schedule, else ``[]``.
+
+    Raises:
+        ConfigError: see ``plateau_metric``.
+    """
+    metric = plateau_metric(cfg, task)
+    if metric is None:
+        return []
+    return [PlateauPolicy(schedule, metric, cfg.schedule.plateau.factor)]

@@ -1,8 +1,9 @@
 """The MNIST batch-size study: ``largebatch study CONFIG [key=value...]``.
 
-``runner`` trains every arm (recipe) over the batch-size sweep and ``measure`` turns each run's
-records into a report row; ``report`` writes the rows as CSV/JSON, the PNG ``figures`` and
-``study.md`` with the claims judged from the numbers (``verdicts``).
+``sweep`` says what the study runs, ``configs`` builds every run's config and plan, ``runner``
+trains every arm (recipe) over the batch-size sweep and ``measure`` turns each run's records
+into a report row; ``report`` writes the rows as CSV/JSON, the PNG ``figures`` and ``study.md``
+with the claims judged from the numbers (``verdicts``).
 """
 from __future__ import annotations
 

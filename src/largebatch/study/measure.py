@@ -6,21 +6,23 @@ how the convergence run ended and its gradient noise scale B_simple across train
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from largebatch.io import iter_jsonl
 from largebatch.plan import BatchPlan
-
-if TYPE_CHECKING:  # annotations only: runner imports this module at run time
-    from largebatch.study.runner import RunSpec, Sweep
+from largebatch.study.sweep import RunSpec, Sweep
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``."""
-    with open(Path(out_dir) / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a run's ``metrics.jsonl`` (a torn last line dropped; non-finite numbers
+    arrive as the strings 'nan'/'inf', which ``_num`` reads).
+
+    Raises:
+        FileNotFoundError: the run wrote no metrics.jsonl (a run the study made always does).
+    """
+    return list(iter_jsonl(Path(out_dir) / "metrics.jsonl"))
 
 
 def _num(value: Any) -> float:
@@ -87,7 +89,7 @@ def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
         "lr": spec.plan.peak_lr, "steps_per_epoch": spec.plan.steps_per_epoch,
         "epochs_run": summary["epochs_run"], "steps": summary["steps"],
         "train_time_s": summary["train_time_s"], "wall_s": summary["wall_s"],
-        "run_epoch_time_s": (sum(r["epoch_time_s"] for r in full) / len(full)) if full
+        "run_epoch_time_s": (sum(_num(r["epoch_time_s"]) for r in full) / len(full)) if full
         else math.nan,
         "run_full_epochs": len(full),
         "loss_osc_1000": loss_oscillation(losses), "loss_iters_used": len(losses),

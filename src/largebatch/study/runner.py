@@ -15,265 +15,34 @@ trainer a user runs), two kinds of runs:
 With ``study.noise_scale`` (default on) the convergence runs also measure the gradient noise
 scale B_simple (``train.noise_scale``). Its small batches are the ranks' windows under DDP; on
 one process they are the micro-batches of an accumulation window, so there a batch B >= 2 runs
-as micro B/p x accum p, p the smallest prime factor of B (B/2 x 2 for an even B; the global
-batch, the LR and the updates are unchanged, only the measurement's cost and two half-size
-forward passes are added to the run's time). Batch 1 has no smaller batch: not measured. The
-timing passes always run micro B/world x accum 1 without the estimate (Claim A's numbers).
+as the plan's ``noise_split`` gives: micro B/p x accum p, p the smallest prime factor of B
+(B/2 x 2 for an even B; the global batch, the LR and the updates are unchanged, only the
+measurement's cost and two half-size forward passes are added to the run's time). Batch 1 has
+no smaller batch: not measured. The timing passes always run micro B/world x accum 1 without
+the estimate (Claim A's numbers).
 
-Config precedence for one run: defaults < study config < arm config file < arm overrides <
-command-line overrides < the sweep's own keys (batch size, epochs, budget, target, eval
-cadence, output directory). Every run's config is built and its batch plan checked before
-the first one trains, so a bad arm fails in seconds, not after an hour.
+The sweep is ``sweep.make_sweep``'s, every run's config and plan come from
+``configs.prepare_runs`` (all checked before the first run trains), each run's records become
+a report row in ``measure``, and ``report`` writes the study; this module runs them in order.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from largebatch.config import ArmConfig, Config, ConfigError, load_config, to_dict
+from largebatch.config import Config, ConfigError
 from largebatch.dist import DistEnv, detect_launch
-from largebatch.plan import BatchPlan
+from largebatch.study.configs import prepare_runs
 from largebatch.study.measure import (convergence_columns, noise_columns, primary_timing,
                                       read_metrics, skipped_row, timing_columns)
-
-# Timing passes: enough samples that the first (slow) step is noise, capped at one epoch.
-TIMING_SAMPLES = 6000
-TIMING_MIN_STEPS = 5
-TIMING_TEST_SUBSET = 100  # the timing pass's final evaluation is excluded anyway: keep it cheap
-
-# Quick mode (tests, smoke runs): a data subset, the mid-size batches, two short epochs.
-QUICK_SUBSET = 6000
-QUICK_TEST_SUBSET = 1000
-QUICK_TIMING_SAMPLES = 1200  # a fifth of the subset's epoch, extrapolated like the full study
-QUICK_MAX_EPOCHS = 2.0
-QUICK_BUDGET_S = 30.0
-QUICK_TARGET = 0.90  # 98% is out of reach on a 6000-sample subset in two epochs
-QUICK_EVALS_PER_EPOCH = 5
-QUICK_FALLBACK_SIZES = [6, 60, 600]
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """What the study runs: batch sizes (and the ones skipped, with why), caps and cadence."""
-
-    batch_sizes: list[int]
-    skipped: dict[int, str]
-    max_epochs: float
-    budget_s: float
-    target_acc: float
-    eval_every_samples: int
-    subset: int
-    test_subset: int
-    loaders: list[str]
-    loss_iters: int
-    quick: bool
-    noise_scale: bool = False
-    timing_samples: int = TIMING_SAMPLES
-
-
-@dataclass
-class RunSpec:
-    """The configs of one (arm, batch size): the convergence run and the timing passes."""
-
-    arm: str
-    batch_size: int
-    train_cfg: Config
-    plan: BatchPlan
-    timing_cfgs: dict[str, Config] = field(default_factory=dict)
-    timing_plan: Optional[BatchPlan] = None  # the timing passes' plan (accum 1); None: ``plan``
-
-
-def make_sweep(cfg: Config, world_size: int) -> Sweep:
-    """The sweep for this launch: quick-mode reductions and world-size divisibility applied."""
-    st = cfg.study
-    sizes = list(dict.fromkeys(st.batch_sizes))  # keep order, drop repeats
-    if not sizes:
-        raise ConfigError("study.batch_sizes is empty; give at least one batch size")
-    bad = [b for b in sizes if b < 1]
-    if bad:
-        raise ConfigError(f"study.batch_sizes={st.batch_sizes}: {bad} must be positive integers")
-    for key, value in (("study.max_epochs", st.max_epochs), ("study.loss_iters", st.loss_iters)):
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-    if st.budget_s < 0:
-        raise ConfigError(f"study.budget_s={st.budget_s} must be >= 0 (0 = no budget)")
-    if not st.arms:
-        raise ConfigError("study.arms is empty; give at least one arm")
-    loaders = list(dict.fromkeys(st.loaders))
-    if not loaders:
-        raise ConfigError("study.loaders is empty; give memory and/or torch (Claim A's timings)")
-    for loader in loaders:
-        if loader not in ("memory", "torch"):
-            raise ConfigError(f"study.loaders: {loader!r} is not one of memory|torch")
-    subset, test_subset = cfg.data.subset, cfg.data.test_subset
-    max_epochs, budget, target = st.max_epochs, st.budget_s, cfg.train.target_acc
-    every = cfg.train.eval_every_samples
-    if st.quick:
-        subset = min(subset, QUICK_SUBSET) if subset else QUICK_SUBSET
-        test_subset = min(test_subset, QUICK_TEST_SUBSET) if test_subset else QUICK_TEST_SUBSET
-        sizes = [b for b in sizes if 1 < b <= subset // 10] or QUICK_FALLBACK_SIZES
-        max_epochs = min(max_epochs, QUICK_MAX_EPOCHS)
-        budget = min(budget, QUICK_BUDGET_S) if budget else 0.0  # 0 stays 'no budget'
-        target = min(target, QUICK_TARGET)
-        every = subset // QUICK_EVALS_PER_EPOCH
-    skipped = {b: f"batch size {b} is not divisible by world size {world_size}"
-               for b in sizes if b % world_size}
-    return Sweep(batch_sizes=sizes, skipped=skipped, max_epochs=max_epochs, budget_s=budget,
-                 target_acc=target, eval_every_samples=every, subset=subset,
-                 test_subset=test_subset, loaders=loaders, loss_iters=st.loss_iters,
-                 quick=st.quick, noise_scale=st.noise_scale,
-                 timing_samples=QUICK_TIMING_SAMPLES if st.quick else TIMING_SAMPLES)
-
-
-# ---- configs ---------------------------------------------------------------------------------
-
-
-def _set(mapping: dict, dotted: str, value: Any) -> None:
-    node = mapping
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def arm_file(arm: ArmConfig, config_dir: Path) -> Optional[Path]:
-    """The arm's config file, relative to the study config's folder (None: overrides only)."""
-    if not arm.config:
-        return None
-    path = Path(arm.config)
-    return path if path.is_absolute() else config_dir / path
-
-
-def arm_mapping(cfg: Config, arm: ArmConfig, config_dir: Path,
-                cli_overrides: list[str]) -> dict:
-    """The arm's config as a raw mapping: study config < arm file < arm overrides < CLI."""
-    cfg_arm = load_config(arm_file(arm, config_dir), list(arm.overrides) + list(cli_overrides),
-                          base=to_dict(cfg))
-    return to_dict(cfg_arm)
-
-
-def _common(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: Path) -> dict:
-    m = copy.deepcopy(mapping)
-    _set(m, "batch.global_size", batch_size)
-    _set(m, "batch.micro_size", batch_size // world_size)  # no accumulation: one micro per step
-    _set(m, "batch.accum_steps", None)
-    cap = m["batch"].get("max_global_size")
-    if cap is not None and cap < batch_size:
-        _set(m, "batch.max_global_size", batch_size)
-    _set(m, "data.subset", sweep.subset)
-    _set(m, "data.test_subset", sweep.test_subset)
-    _set(m, "train.max_steps", 0)
-    _set(m, "checkpoint.resume", "never")
-    _set(m, "checkpoint.every_steps", 0)
-    _set(m, "log.out_dir", str(out))
-    return m
-
-
-def smallest_factor(n: int) -> int:
-    """The smallest prime factor of ``n`` >= 2 (``n`` itself when prime)."""
-    return next((p for p in range(2, math.isqrt(n) + 1) if n % p == 0), n)
-
-
-def noise_split(batch_size: int, world_size: int) -> Optional[tuple[int, int]]:
-    """``(micro, accum)`` of a convergence run that measures B_simple; None: not measurable.
-
-    Under DDP the ranks' windows are the small batches: micro B/world, accum 1. On one process
-    the window's micro-batches are: the fewest micro-batches that divide B, micro B/p x accum p
-    (p the smallest prime factor; 2 for an even B, so the small batch is as large as it can be
-    and the estimate's two batch sizes are only 2x apart at most). Batch 1 cannot be split.
-    """
-    if world_size > 1:
-        return batch_size // world_size, 1
-    if batch_size < 2:
-        return None
-    p = smallest_factor(batch_size)
-    return batch_size // p, p
-
-
-def train_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int,
-                 out: Path) -> Config:
-    """The convergence run: epoch and time caps, the target, per-step loss logging."""
-    m = _common(mapping, sweep, batch_size, world_size, out)
-    split = noise_split(batch_size, world_size) if sweep.noise_scale else None
-    _set(m, "train.noise_scale", split is not None)
-    if split is not None:
-        _set(m, "batch.micro_size", split[0])
-        _set(m, "batch.accum_steps", split[1])
-    _set(m, "train.epochs", sweep.max_epochs)
-    _set(m, "train.time_budget_s", sweep.budget_s)
-    _set(m, "train.target_acc", sweep.target_acc)
-    _set(m, "train.stop_at_target", sweep.target_acc > 0)
-    _set(m, "train.eval_every_samples", sweep.eval_every_samples)
-    _set(m, "log.every_steps", 1)  # the loss of every iteration (oscillation figure)
-    return load_config(base=m)
-
-
-def timing_config(mapping: dict, sweep: Sweep, batch_size: int, world_size: int, out: Path,
-                  loader: str, steps: int) -> Config:
-    """A timing pass: ``steps`` optimizer steps with ``loader``, nothing else in the loop."""
-    m = _common(mapping, sweep, batch_size, world_size, out)
-    _set(m, "data.loader", loader)
-    test_subset = min(sweep.test_subset or TIMING_TEST_SUBSET, TIMING_TEST_SUBSET)
-    _set(m, "data.test_subset", test_subset)
-    _set(m, "train.epochs", 1.0)
-    _set(m, "train.max_steps", steps)
-    _set(m, "train.time_budget_s", 0.0)
-    _set(m, "train.target_acc", 0.0)
-    _set(m, "train.stop_at_target", False)
-    _set(m, "train.eval_every_samples", 0)
-    _set(m, "train.noise_scale", False)  # Claim A times the plain step: micro B x accum 1
-    # Per-step JSON lines and a progress bar would be neither data nor compute time.
-    _set(m, "log.every_steps", 10 ** 9)
-    _set(m, "log.progress", False)
-    _set(m, "log.wandb.mode", "disabled")
-    return load_config(base=m)
-
-
-def timing_steps(plan: BatchPlan, samples: int = TIMING_SAMPLES) -> int:
-    """Steps of a timing pass: >= ``samples`` samples and TIMING_MIN_STEPS, <= one epoch."""
-    want = max(math.ceil(samples / plan.global_size), TIMING_MIN_STEPS)
-    return min(want, plan.steps_per_epoch)
-
-
-def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: list[str],
-                 out_dir: Path, world_size: int) -> tuple[list[RunSpec], list[str]]:
-    """Every run's config, plans checked up front. Returns (runs, notes on skipped arms)."""
-    from largebatch.train.build import plan_for
-    runs, notes = [], []
-    names = [a.name for a in cfg.study.arms]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"study.arms: arm names must be unique, got {names}")
-    for arm in cfg.study.arms:
-        path = arm_file(arm, config_dir)
-        if path is not None and not path.is_file():
-            notes.append(f"arm '{arm.name}' skipped: its config file {path} does not exist")
-            continue
-        mapping = arm_mapping(cfg, arm, config_dir, cli_overrides)
-        for b in sweep.batch_sizes:
-            if b in sweep.skipped:
-                continue
-            run_dir = out_dir / arm.name / f"bs{b}"
-            train_cfg = train_config(mapping, sweep, b, world_size, run_dir)
-            spec = RunSpec(arm.name, b, train_cfg, plan_for(train_cfg, world_size))
-            steps = timing_steps(spec.plan, sweep.timing_samples)
-            for loader in sweep.loaders:
-                spec.timing_cfgs[loader] = timing_config(
-                    mapping, sweep, b, world_size, run_dir / f"timing_{loader}", loader, steps)
-            spec.timing_plan = plan_for(next(iter(spec.timing_cfgs.values())), world_size)
-            runs.append(spec)
-    return runs, notes
-
-
-# ---- running ---------------------------------------------------------------------------------
+from largebatch.study.sweep import TIMING_MIN_STEPS, RunSpec, Sweep, make_sweep
 
 
 def run_one(spec: RunSpec, sweep: Sweep,
@@ -325,6 +94,7 @@ def progress_line(index: int, total: int, row: dict, loaders: list[str]) -> str:
 
 
 def _noise_text(row: dict) -> str:
+    """B_simple early -> late for the progress line ('n/a' when not measured)."""
     early, late = row.get("noise_scale_early"), row.get("noise_scale_late")
     if late is None or not math.isfinite(late):
         return "n/a"

@@ -100,6 +100,15 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name} has sharded modules but no optimizer "
                                   f"for them")
 
+    # ---- what ``largebatch plan`` shows -------------------------------------------------
+    def plan_report(self, plan: Any) -> dict[str, Any]:
+        """Facts the task adds to ``largebatch plan --json`` for ``plan`` (default: none)."""
+        return {}
+
+    def describe_plan(self, plan: Any) -> list[str]:
+        """Lines the task adds below the plan's own in ``largebatch plan`` (default: none)."""
+        return []
+
     # ---- evaluation ---------------------------------------------------------------------
     @abstractmethod
     def evaluate(self, model: nn.Module, loader: Any, engine: Any) -> dict[str, float]:

@@ -19,11 +19,14 @@ import torch
 from torch import nn
 
 from largebatch.config import ConfigError
-from largebatch.face import CombinedMargin, PartialFC, PartialFCAdamW, PartialFCSGD
+from largebatch.face import (CombinedMargin, PartialFC, PartialFCAdamW, PartialFCSGD,
+                             expected_positive_share, fc_memory)
 from largebatch.face.verification import (flip_embed, metric_keys, squared_distances,
                                           verification_metrics)
 from largebatch.models import build_face_backbone
 from largebatch.models.iresnet import IRESNET_LAYERS
+from largebatch.plan import BatchPlan
+from largebatch.plan_text import format_bytes
 from largebatch.tasks.base import Metric, Task, TaskParts
 
 
@@ -119,6 +122,49 @@ class FaceTask(Task):
         every ``face.val_targets`` set NAME (see ``evaluate``)."""
         names = dict.fromkeys([None, *self.cfg.face.val_targets])
         return tuple(m for name in names for m in _set_metrics(name))
+
+    # ---- what ``largebatch plan`` shows ---------------------------------------------------
+    def plan_report(self, plan: BatchPlan) -> dict[str, Any]:
+        """The Partial FC head's memory per rank and logits per micro-step (``face_head``).
+
+        Weights + gradient + optimizer state of the largest shard (``largebatch.face.
+        fc_memory``; SGD momentum for sgd/lars when optim.momentum > 0, AdamW moments for
+        adamw/lamb), the ``(global micro-batch x sampled classes)`` logits, and the expected
+        share of classes present in one global batch (a sample_rate below it keeps mostly
+        positives).
+        """
+        f, o = self.cfg.face, self.cfg.optim
+        optimizer = "adamw" if o.name in ("adamw", "lamb") else \
+            "sgd" if o.momentum > 0 else "none"
+        # fp32: the head keeps fp32 class centres; autocast only casts the logits' inputs.
+        mem = fc_memory(f.num_classes, f.embedding_size, plan.world_size, f.sample_rate,
+                        dtype="fp32", optimizer=optimizer, global_micro_batch=plan.batch_unit,
+                        sparse_update=f.sparse_update)
+        mem["expected_positive_share"] = expected_positive_share(f.num_classes,
+                                                                 plan.global_size)
+        mem["optimizer"] = optimizer
+        return {"face_head": mem}
+
+    def describe_plan(self, plan: BatchPlan) -> list[str]:
+        """FC memory, logits and a sample_rate warning, below the plan's own lines."""
+        m, f = self.plan_report(plan)["face_head"], self.cfg.face
+        lines = [
+            f"  face head: {f.num_classes} classes x d={f.embedding_size}, {m['num_local']} per "
+            f"rank (largest shard), sample_rate {f.sample_rate:g} -> {m['num_sample']} rows per "
+            f"window",
+            f"  fc memory per rank: weights {format_bytes(m['weight_bytes'])} + gradient "
+            f"{format_bytes(m['grad_bytes'])} + optimizer ({m['optimizer']}) "
+            f"{format_bytes(m['optimizer_bytes'])} = {format_bytes(m['total_bytes'])}",
+            f"  logits per micro-step: {plan.batch_unit} x {m['num_sample']} = "
+            f"{m['logits_elements']} elements ({format_bytes(m['logits_bytes'])} fp32 per rank)",
+        ]
+        share = m["expected_positive_share"]
+        if f.sample_rate < share:
+            lines.append(f"  warning: face.sample_rate={f.sample_rate:g} is below the expected "
+                         f"share of classes present in one global batch of {plan.global_size} "
+                         f"({share:.3f}): most windows keep only positives, no negatives are "
+                         f"sampled")
+        return lines
 
     def build(self) -> TaskParts:
         """Backbone (``model.name``) and this rank's Partial FC shard (after seeding)."""

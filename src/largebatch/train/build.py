@@ -1,10 +1,13 @@
-"""Build a run from a config and train it: the glue between config, plan, engine and trainer."""
+"""Build a run from a config and train it: the composition root.
+
+The flow is one-way: config -> launch and device -> batch plan -> task parts and engine ->
+schedule, loaders, policies, noise scale -> trainer; the checkpointer receives every stateful
+part by name, resumes them, and the optional tools (``batch.micro_size=auto``,
+``optim.lr=auto``) resolve what the config left open through the parts' public methods.
+"""
 from __future__ import annotations
 
 import json
-import math
-import signal
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -13,16 +16,21 @@ import torch
 
 from largebatch.checkpoint import Checkpointer, check_fresh, save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
+from largebatch.data.loaders import Resizable
 from largebatch.data.registry import build_loaders, dataset, dataset_size
-from largebatch.dist import (DistEnv, detect_launch, init_process_group, pick_device, rank_seed,
-                             seed_everything)
+from largebatch.dist import (DistEnv, check_launch, detect_launch, init_process_group,
+                             pick_device, rank_seed, seed_everything)
 from largebatch.engines import Engine, build_engine
-from largebatch.dist import check_launch
 from largebatch.metrics import MetricsLogger, check_wandb_online
+from largebatch.noise.scale import NoiseScaleMonitor
 from largebatch.optim import build_optimizer
-from largebatch.optim.schedules import build_schedule
+from largebatch.optim.schedules import LRSchedule, build_schedule
 from largebatch.plan import BatchPlan, make_plan
-from largebatch.tasks import build_task
+from largebatch.policies.base import Policies
+from largebatch.policies.goodput import build_goodput
+from largebatch.policies.plateau import build_plateau
+from largebatch.tasks import Task, build_task
+from largebatch.train.preemption import watch_preemption
 from largebatch.train.trainer import Trainer
 
 
@@ -62,10 +70,13 @@ class Run:
     engine: Engine
     trainer: Trainer
     logger: MetricsLogger
+    policies: Policies
+    checkpointer: Optional[Checkpointer] = None
 
 
 def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> Run:
-    """Launch detection, plan, model, optimizer, engine, schedule, loaders, logger, trainer."""
+    """Launch, plan, model, engine, schedule, loaders, policies, logger, trainer; resumed
+    from a checkpoint set when there is one."""
     denv, device = setup_runtime(cfg, denv)
     dataset(cfg.data.name).prepare(cfg.data, denv)  # rank 0 downloads, the others wait
     plan = plan_for(cfg, denv.world_size)  # micro_size=auto: provisional until the search
@@ -74,61 +85,80 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     # stream so dropout masks differ across ranks like they would across samples.
     seed_everything(cfg.train.seed)
     task = build_task(cfg)
-    parts = task.build()
-    model = parts.model
-    engine = build_engine(cfg, denv, device, plan)
-    optimizer = build_optimizer(cfg.optim, model, lr=plan.peak_lr)
-    engine.setup(model, optimizer)
-    for module in parts.sharded:  # never wrapped; own optimizer, same LR and boundary
-        engine.setup_sharded(module, task.sharded_optimizer(module, lr=plan.peak_lr))
+    engine = _build_engine(cfg, denv, device, plan, task)
     checkpointer = make_checkpointer(cfg, denv, engine, quiet)
     source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
     if cfg.batch.micro_size == "auto":  # before the schedule and loaders, which need the size
-        plan = auto_micro_plan(cfg, denv, device, engine, task, source)
+        plan = auto_micro_plan(cfg, denv, device, engine, task, plan, source)
     if denv.is_main and not quiet:
         print(plan.describe(), flush=True)
     seed_everything(rank_seed(cfg.train.seed, denv.rank))
-    planned = math.ceil(cfg.train.epochs * plan.steps_per_epoch)
-    if cfg.train.max_steps:
-        planned = min(planned, cfg.train.max_steps)
-    schedule = build_schedule(engine.optimizers, cfg.schedule, plan,
-                              cfg.schedule.total_steps or planned,
-                              reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
+    schedule = build_schedule(
+        engine.optimizers, cfg.schedule, plan,
+        cfg.schedule.total_steps or plan.planned_steps(cfg.train.epochs, cfg.train.max_steps),
+        reduce_mean=lambda x: engine.reduce_scalars([x], op="mean")[0])
     train_loader, eval_loader = build_loaders(cfg, plan.micro_size, denv, cfg.train.seed,
                                               device)
+    policies = _build_policies(cfg, task, schedule, plan, train_loader, engine)
+    noise = NoiseScaleMonitor(engine, cfg.train.noise_scale or policies.needs_noise_scale,
+                              plan.accum_steps, engine.describe())
     logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=source is not None)
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
-    trainer = Trainer(cfg, task, engine, schedule, plan, train_loader, eval_loader, logger)
+    trainer = Trainer(cfg, task, engine, schedule, plan, train_loader, eval_loader, logger,
+                      noise, policies, checkpointer)
     if checkpointer is not None:
-        trainer.checkpointer = checkpointer
+        # Every stateful part, by name: what a set holds and what a resume restores.
+        checkpointer.register("trainer", trainer, reshardable=True)
+        checkpointer.register("schedule", schedule)
+        checkpointer.register_per_rank("engine", engine)
+        checkpointer.register("noise_scale", noise)
+        checkpointer.register("policies", policies, reshardable=True)
         if source is not None:
-            checkpointer.load(trainer, source)  # rank 0 prints "resumed from SET at step N"
+            checkpointer.load(source)  # rank 0 prints "resumed from SET at step N"
         watch_preemption(trainer)
     if cfg.optim.lr == "auto":  # the range test picks the peak LR; a resumed run keeps its own
         from largebatch.tune.lr_auto import resolve_lr
         plan = resolve_lr(cfg, trainer, denv.is_main, source, quiet)
-    return Run(cfg, denv, plan, engine, trainer, logger)
+    return Run(cfg, denv, plan, engine, trainer, logger, policies, checkpointer)
+
+
+def _build_engine(cfg: Config, denv: DistEnv, device: torch.device, plan: BatchPlan,
+                  task: Task) -> Engine:
+    """The task's parts placed on the engine: the replicated model with its optimizer, each
+    sharded module (never wrapped) with its own, at the same LR and boundary."""
+    parts = task.build()
+    engine = build_engine(cfg, denv, device, plan)
+    engine.setup(parts.model, build_optimizer(cfg.optim, parts.model, lr=plan.peak_lr))
+    for module in parts.sharded:
+        engine.setup_sharded(module, task.sharded_optimizer(module, lr=plan.peak_lr))
+    return engine
+
+
+def _build_policies(cfg: Config, task: Task, schedule: LRSchedule, plan: BatchPlan,
+                    train_loader: Any, engine: Engine) -> Policies:
+    """What may change the plan during the run (plateau growth, goodput), in that order."""
+    return Policies([*build_plateau(cfg, task, schedule),
+                     *build_goodput(cfg, plan, isinstance(train_loader, Resizable), engine,
+                                    task.loss)])
 
 
 def auto_micro_plan(cfg: Config, denv: DistEnv, device: torch.device, engine: Engine,
-                    task: Any, source: Any) -> BatchPlan:
-    """The plan with ``batch.micro_size=auto`` resolved (collective: one min-reduce).
+                    task: Task, plan: BatchPlan, source: Any) -> BatchPlan:
+    """``plan`` with ``batch.micro_size=auto`` resolved (collective: one min-reduce).
 
     A resumed run at the same world size keeps the micro size of its checkpoint's plan (the
     device may differ, the trajectory must not); otherwise the cache or a search decides, on
     the unwrapped model (DDP's hooks and buffer broadcasts stay out of the trial steps).
     """
     from largebatch.tune.micro_batch import AutoMicro, find_micro_size, first_batch
-    size = dataset_size(cfg, train=True)
-    saved = None if source is None else source.manifest.get("plan")
+    saved = None if source is None else source.info.plan
     if saved and saved.get("world_size") == denv.world_size:
         old = BatchPlan.from_json(saved)
         auto = AutoMicro(old.micro_size, "checkpoint",
                          candidates=tuple((old.micro_auto or {}).get("candidates", ())))
-        return make_plan(cfg, denv.world_size, size, auto.to_json())
-    per_rank = cfg.batch.global_size // denv.world_size
-    loader, _ = build_loaders(cfg, min(per_rank, 64), denv, cfg.train.seed, device)
+        return plan.with_micro_size(auto.micro_size, auto.to_json())
+    loader, _ = build_loaders(cfg, min(plan.window_size, 64), denv, cfg.train.seed, device)
     sample = first_batch(loader, 64)
     sample = (sample[0].to(device), sample[1].to(device))
     del loader
@@ -136,7 +166,7 @@ def auto_micro_plan(cfg: Config, denv: DistEnv, device: torch.device, engine: En
                            denv.world_size,
                            lambda m: int(engine.reduce_scalars([float(m)], op="min")[0]),
                            is_main=denv.is_main)
-    return make_plan(cfg, denv.world_size, size, auto.to_json())
+    return plan.with_micro_size(auto.micro_size, auto.to_json())
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -160,31 +190,8 @@ def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
         return None
     return Checkpointer(directory, denv.rank, denv.world_size, engine.barrier,
                         agree=lambda values: engine.reduce_scalars(values, op="max"),
-                        keep=ck.keep, config=to_dict(cfg), verbose=not quiet)
-
-
-def watch_preemption(trainer: Trainer) -> None:
-    """SIGTERM (Slurm pre-emption, time limit, torchrun's agent forwarding) and SIGUSR1
-    (``--signal=USR1@T``): finish the optimizer step, every rank checkpoints the same step,
-    exit 0. The rank-reduced stop flag makes one signalled rank enough."""
-    previous = {}
-    # Weakly: the handler outlives the run, and must not keep its trainer (the model, the engine
-    # and the process group with its threads) alive after train() returns.
-    trainer_ref = weakref.ref(trainer)
-
-    def request_stop(signum: int, frame: Any) -> None:
-        trainer = trainer_ref()
-        if trainer is not None and not getattr(trainer, "fit_over", False):
-            trainer.stop_requested = True
-            return
-        # Training is over (a host process calling train() lives on): the old handler again.
-        signal.signal(signum, previous[signum] or signal.SIG_DFL)
-        signal.raise_signal(signum)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread (e.g. embedded in another app): no handler
-            pass
+                        keep=ck.keep, config=to_dict(cfg), seed=cfg.train.seed,
+                        verbose=not quiet)
 
 
 def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[str, Any]:

@@ -1,12 +1,17 @@
-"""The run's counters and timers: what a checkpoint captures to resume exactly."""
+"""The run's counters, timers and stop flags: the trainer's own state.
+
+``RunState`` is what a checkpoint captures of the loop itself (the trainer saves it with its
+plan); ``Timer`` and ``StopFlags`` live for one epoch or one step; ``RunSnapshot`` is the exact
+copy of a run that ``Trainer.snapshot`` takes and ``Trainer.restore`` puts back (the LR range
+test trains on a run and then undoes it).
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from largebatch.plan import BatchPlan, resolve_batch
+from largebatch.plan import BatchPlan
 
 
 @dataclass
@@ -32,14 +37,16 @@ class RunState:
     skipped_steps: int = 0  # windows dropped for non-finite loss/gradients (or fp16 overflow)
 
     def state_dict(self) -> dict[str, Any]:
-        """A plain dict of the counters."""
+        """A plain dict of the counters (containers copied)."""
         return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
                 for k, v in self.__dict__.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters; a resumed run has not stopped yet."""
+    def load_state_dict(self, state: dict[str, Any], keep_stop_reason: bool = False) -> None:
+        """Restore the counters; a resumed run has not stopped yet (unless
+        ``keep_stop_reason``: an exact restore of a snapshot)."""
         self.__dict__.update(state)
-        self.stop_reason = ""
+        if not keep_stop_reason:
+            self.stop_reason = ""
 
     def outcome(self) -> dict[str, Any]:
         """The counters' part of summary.json: how far the run got and how it ended."""
@@ -52,43 +59,51 @@ class RunState:
                 "stop_reason": self.stop_reason, "skipped_steps": self.skipped_steps,
                 "plan_changes": self.plan_changes}
 
+    def target_reached(self, epoch: float) -> None:
+        """Record the first time the target metric was reached."""
+        if not self.reached_target:
+            self.reached_target, self.steps_to_target = True, self.step
+            self.epochs_to_target, self.time_to_target_s = epoch, self.train_time_s
+
 
 @dataclass
 class Timer:
-    """Data-wait and compute seconds of the current epoch."""
+    """Data-wait, compute and evaluation seconds of the current epoch."""
 
     data_s: float = 0.0
     compute_s: float = 0.0
     eval_s: float = 0.0
 
 
-def map_resharded_position(state: RunState, old: BatchPlan, old_world: int, new: BatchPlan,
-                       is_main: bool) -> BatchPlan:
-    """The plan to continue with on this world (``new``, made from the config, or ``old``'s
-    grown global batch cut for this world); moves ``state``'s epoch position by samples.
+@dataclass
+class StopFlags:
+    """What the ranks agreed on in the last step's collective, and a pending stop request.
 
-    The position (consumed micro-batches x old micro x old world samples) continues at
-    the same sample count when that is a whole number of new micro-batches, else at the
-    next window boundary (said in one line).
-
-    Raises:
-        ConfigError: the global batch does not divide into this world's micro-batches
-            (``build_run``'s plan raises it first for the configured global batch).
+    Attributes:
+        over_budget: some rank's training time reached ``train.time_budget_s``.
+        preempted: some rank was asked to stop (SIGTERM/SIGUSR1) and the run checkpoints.
+        nonfinite: some rank saw a non-finite loss or gradient in the last window.
+        requested: a signal asked THIS rank to stop (agreed in the next step's collective).
     """
-    world = new.world_size
-    if new.global_size != old.global_size:  # the batch grew before the save: keep it
-        _, m, a = resolve_batch(old.global_size, new.micro_size, None, world)
-        new = dataclasses.replace(old, micro_size=m, accum_steps=a, world_size=world,
-                                  dataset_size=new.dataset_size)
-    samples = state.consumed * old.micro_size * old_world
-    unit = new.micro_size * world
-    if samples % unit == 0:
-        consumed = samples // unit
-    else:  # no whole new micro-batch ends there: start at the next window boundary
-        window = unit * new.accum_steps
-        consumed = -(-samples // window) * new.accum_steps
-        if is_main:
-            print(f"resharding: epoch position {samples} samples is not a whole number of "
-                  f"micro-batches of {unit}; continuing at {consumed * unit}", flush=True)
-    state.consumed = min(consumed, new.micro_batches_per_epoch)
-    return new
+
+    over_budget: bool = False
+    preempted: bool = False
+    nonfinite: bool = False
+    requested: bool = False
+
+
+@dataclass
+class RunSnapshot:
+    """Deep copies of everything a run changes while training (``Trainer.snapshot``)."""
+
+    trainer: dict[str, Any]
+    engine: tuple[dict[str, Any], dict[str, Any]]
+    schedule: dict[str, Any]
+    noise: dict[str, Any]
+    policies: dict[str, Any]
+    flags: StopFlags
+    timer: Timer
+    plan: BatchPlan
+    loader_epoch: Optional[int]
+    training: bool
+    rng: dict[str, Any]

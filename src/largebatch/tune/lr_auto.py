@@ -31,7 +31,6 @@ guarantee. Rank 0 prints one line and writes ``lr_find.json`` / ``lr_find.png`` 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,13 +72,11 @@ def resolve_lr(cfg: Config, trainer: Any, is_main: bool, source: Any = None,
                 f"({record['warmup_from']})")
     initial = dataclasses.replace(trainer.initial_plan, lr_auto=record,
                                   **{k: record[k] for k in ("base_lr", "peak_lr", "warmup_steps")})
-    same = trainer.plan is trainer.initial_plan
-    trainer.initial_plan = initial
-    # After a resume trainer.plan is the checkpoint's (maybe grown or resized since): only its
-    # LR fields are put back, from the checkpoint, whatever else changed.
-    trainer.plan = initial if same else dataclasses.replace(trainer.plan, lr_auto=record,
-                                                            **current)
-    _set_schedule(trainer.schedule, trainer.plan, record["warmup_start_factor"])
+    # After a resume the plan in force is the checkpoint's (maybe grown or resized since):
+    # only its LR fields are put back, from the checkpoint, whatever else changed.
+    current = initial if trainer.plan is trainer.initial_plan else \
+        dataclasses.replace(trainer.plan, lr_auto=record, **current)
+    trainer.use_lr_plan(initial, current, record["warmup_start_factor"])
     if is_main:
         trainer.logger.write_json("plan.json", initial.to_json())
         if not quiet:
@@ -119,7 +116,7 @@ def _warmup(cfg: Config, trainer: Any, s: dict[str, Any]) -> tuple[int, float, s
     steps = int(s.get("warmup_steps") or 0)
     # The run's planned length without train.max_steps' cap: a run cut by max_steps and
     # resumed with a larger one then picks the same warmup as the uninterrupted run.
-    total = sc.total_steps or math.ceil(cfg.train.epochs * trainer.initial_plan.steps_per_epoch)
+    total = sc.total_steps or trainer.initial_plan.planned_steps(cfg.train.epochs)
     if steps and steps >= total:  # a warmup as long as the run would never reach the peak
         return 0, sc.warmup_start_factor, f"lr-find's {steps} not shorter than the run's {total}"
     if not steps:
@@ -129,19 +126,10 @@ def _warmup(cfg: Config, trainer: Any, s: dict[str, Any]) -> tuple[int, float, s
 
 def _from_checkpoint(source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The record and the LR fields of the checkpoint's plan (as it was when it was written)."""
-    saved = (getattr(source, "manifest", None) or {}).get("plan") or {}
+    saved = source.info.plan or {}
     record = saved.get("lr_auto") or {}
     if record.get("source") != "lr_find":
         raise ConfigError(f"optim.lr=auto: the checkpoint {source.path} holds no LR found by "
                           f"lr-find (its plan: base_lr={saved.get('base_lr')}); resume it with "
                           f"that optim.lr, or start in a fresh log.out_dir")
     return record, {k: saved[k] for k in ("base_lr", "peak_lr", "warmup_steps")}
-
-
-def _set_schedule(schedule: Any, plan: BatchPlan, start_factor: float) -> None:
-    """The schedule's peak, warmup and start factor from ``plan``; re-applies the LR."""
-    schedule.peak_lr = plan.peak_lr
-    schedule.warmup_steps = plan.warmup_steps
-    # A copy: cfg.schedule stays what the user wrote (config.json, the checkpoint's config).
-    schedule.cfg = dataclasses.replace(schedule.cfg, warmup_start_factor=start_factor)
-    schedule.load_state_dict(schedule.state_dict())  # the public way to re-apply the LR

@@ -45,18 +45,15 @@ it would have seen (``optim.lr: auto``, ``largebatch.tune.lr_auto``, relies on i
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from largebatch.config import ConfigError
+from largebatch.io import write_json_atomic
 
 #: fastai's smoothing and stop rule.
 BETA = 0.98
@@ -174,101 +171,23 @@ def suggest(lrs: list[float], smoothed: list[float], steps_per_epoch: float = 0.
     return out
 
 
-# ---- exact snapshot and restore ------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def snapshot(trainer: Any) -> dict[str, Any]:
-    """Deep copies of everything a range test changes (a collective at ZeRO 3)."""
-    engine = trainer.engine
-    return {"engine": copy.deepcopy(engine.state_dict()),
-            "schedule": copy.deepcopy(trainer.schedule.state_dict()),
-            "run": copy.deepcopy(trainer.state.state_dict()),
-            "plan": trainer.plan, "timer": copy.copy(trainer.timer),
-            "flags": {k: getattr(trainer, k) for k in ("_over_budget", "_preempted",
-                                                       "_nonfinite")},
-            "last_step_skipped": engine.last_step_skipped,
-            "epoch": getattr(trainer.train_loader, "epoch", None),
-            "training": trainer.model.training, "rng": _rng_state(),
-            # train.noise_scale: the ramp's steps update its EMAs too (absent on a bare trainer).
-            "noise": None if getattr(trainer, "noise", None) is None else
-            copy.deepcopy((trainer.noise.state_dict(), trainer.noise.metrics))}
-
-
-def restore(trainer: Any, snap: dict[str, Any]) -> None:
-    """Put back what ``snapshot`` captured; the LR is the schedule's again."""
-    engine = trainer.engine
-    engine.load_state_dict(copy.deepcopy(snap["engine"]))
-    trainer.schedule.load_state_dict(snap["schedule"])  # re-applies the schedule's LR
-    # In place (not RunState.load_state_dict, which clears stop_reason): the very same fields.
-    trainer.state.__dict__.update(copy.deepcopy(snap["run"]))
-    trainer.plan, trainer.timer = snap["plan"], snap["timer"]
-    for k, v in snap["flags"].items():
-        setattr(trainer, k, v)
-    engine.last_step_skipped = snap["last_step_skipped"]
-    if snap["epoch"] is not None:
-        trainer.train_loader.set_epoch(snap["epoch"])
-    trainer.model.train(snap["training"])
-    if snap["noise"] is not None:
-        trainer.noise.load_state_dict(copy.deepcopy(snap["noise"][0]))
-        trainer.noise.metrics = copy.deepcopy(snap["noise"][1])
-    _set_rng_state(snap["rng"])
-
-
 # ---- the test ------------------------------------------------------------------------------
-def full_windows(trainer: Any) -> Iterator[tuple[Iterator, int, int]]:
-    """``(batches, n_micro, window_samples)`` of full planned windows, epoch after epoch.
-
-    Raises:
-        ConfigError: an epoch holds no full global batch (the dataset is smaller than it).
-    """
-    plan, loader, epoch = trainer.plan, trainer.train_loader, trainer.state.epoch
-    full = plan.accum_steps * plan.micro_size
-    while True:
-        loader.set_epoch(epoch)
-        batches, consumed, produced = iter(loader), 0, False
-        # The same arithmetic as Trainer._run_epoch, keeping only windows of the full size.
-        while (plan.micro_batches_per_epoch - consumed >= plan.accum_steps
-               and plan.shard_size - consumed * plan.micro_size >= full):
-            yield batches, plan.accum_steps, full
-            consumed += plan.accum_steps
-            produced = True
-        if not produced:
-            raise ConfigError(f"lr-find: an epoch of {plan.shard_size} samples per rank holds "
-                              f"no full window of {full} (batch.global_size="
-                              f"{plan.global_size}); use more data or a smaller batch")
-        epoch += 1
-
-
-def _set_lr(trainer: Any, lr: float) -> None:
-    for optimizer in trainer.engine.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
 def _ramp_losses(trainer: Any, lrs: list[float], beta: float, stop_factor: float
                  ) -> tuple[list[float], list[float], str]:
     """Run the ramp; returns raw losses, smoothed losses and why it stopped."""
     losses: list[float] = []
     avg, best, reason = 0.0, math.inf, "max_lr"
-    windows = full_windows(trainer)
+    windows = trainer.full_windows()
     trainer.model.train()
     for k, lr in enumerate(lrs):
-        batches, n_micro, window = next(windows)
-        _set_lr(trainer, lr)
+        try:
+            batches, n_micro, window = next(windows)
+        except StopIteration:
+            plan = trainer.plan
+            raise ConfigError(f"lr-find: an epoch of {plan.shard_size} samples per rank holds "
+                              f"no full window of {plan.window_size} (batch.global_size="
+                              f"{plan.global_size}); use more data or a smaller batch") from None
+        trainer.schedule.hold(lr)
         loss, _, applied = trainer.train_step(batches, n_micro, window)
         losses.append(loss)
         if not applied or not math.isfinite(loss):
@@ -307,11 +226,11 @@ def lr_find(trainer: Any, min_lr: float = 1e-6, max_lr: float = 10.0, steps: int
     """
     check_args(min_lr, max_lr, steps)
     lrs = ramp(min_lr, max_lr, steps)
-    snap = snapshot(trainer)
+    snap = trainer.snapshot()
     try:
         losses, smoothed, reason = _ramp_losses(trainer, lrs, beta, stop_factor)
     finally:
-        restore(trainer, snap)
+        trainer.restore(snap)
     plan = trainer.plan
     result = LRFindResult(lrs=lrs[:len(losses)], losses=losses, smoothed=smoothed,
                           stop_reason=reason, plan=plan.to_json(),
@@ -327,9 +246,7 @@ def write_outputs(result: LRFindResult, out_dir: Path | str) -> tuple[Path, Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "lr_find.json", out / "lr_find.png"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    tmp.replace(json_path)
+    write_json_atomic(json_path, result.to_json())
     _plot(result, png_path)
     return json_path, png_path
 

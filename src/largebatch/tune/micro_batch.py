@@ -19,29 +19,33 @@ same initialisation as with the explicit micro size.
 
 Every rank then takes the minimum over ranks (one collective), and the result is cached in
 ``log.out_dir/micro_size_cache.json`` so that a restart does not probe again.
+
+This module is the search and its cache; the candidates are the batch plan's
+(``largebatch.plan.micro_candidates``), a trial step and its measured memory are
+``largebatch.tune.step_memory``'s, and the exact-state backup around each trial is
+``largebatch.tune.exact_state.preserved``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from largebatch.config import ConfigError
+from largebatch.io import write_json_atomic
+from largebatch.plan import micro_candidates
+from largebatch.tune.step_memory import Trial, cpu_trial, cuda_trial
+
+__all__ = ["AutoMicro", "CACHE_FILE", "find_micro_size", "first_batch", "memory_limit",
+           "run_search", "search"]
 
 CACHE_FILE = "micro_size_cache.json"
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MB = 2 ** 20
-
-#: A trial: micro size -> (fits, measured peak bytes; None after an out-of-memory error).
-Trial = Callable[[int], tuple[bool, Optional[int]]]
-
 
 @dataclass
 class AutoMicro:
@@ -75,22 +79,7 @@ class AutoMicro:
         return out
 
 
-# ---- candidates and the search ---------------------------------------------------------------
-def candidates(global_size: Optional[int], world_size: int) -> list[int]:
-    """Every micro size that keeps ``global_size`` exactly: the divisors of global / world.
-
-    Raises:
-        ConfigError: no global batch, or one that the world size does not divide.
-    """
-    if global_size is None:
-        raise ConfigError("batch.micro_size=auto needs batch.global_size (the batch it keeps)")
-    if global_size < 1 or global_size % world_size:
-        raise ConfigError(f"batch.global_size={global_size} is not divisible by world_size "
-                          f"{world_size}: no micro size keeps it (micro x accum x world)")
-    per_rank = global_size // world_size
-    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
-
-
+# ---- the search -----------------------------------------------------------------------------
 def search(cands: list[int], fits: Callable[[int], bool]) -> Optional[int]:
     """The largest candidate that fits, assuming memory grows with the micro size.
 
@@ -120,164 +109,6 @@ def search(cands: list[int], fits: Callable[[int], bool]) -> Optional[int]:
     return cands[good]
 
 
-# ---- saving and restoring the exact state ------------------------------------------------------
-def _cpu_clone(obj: Any) -> Any:
-    """A deep copy with every tensor cloned to the CPU (the backup must not take device memory)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_clone(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_clone(v) for v in obj)
-    return obj
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Restore weights, buffers, gradients, optimizer state, train mode and RNG afterwards.
-
-    ``load_state_dict`` copies into the existing tensors, so the optimizer keeps pointing at the
-    same parameters and the values come back bit for bit (BatchNorm's running statistics too).
-    """
-    weights = _cpu_clone(model.state_dict())
-    opt_state = _cpu_clone(optimizer.state_dict())
-    grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
-             for p in model.parameters()]
-    training = model.training
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        for p, g in zip(model.parameters(), grads):
-            p.grad = None if g is None else g.to(p.device)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(opt_state)
-        model.train(training)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
-# ---- one trial step -----------------------------------------------------------------------------
-def _storages(tensors: Any) -> dict[int, int]:
-    """data_ptr -> nbytes of the unique storages behind ``tensors``."""
-    out: dict[int, int] = {}
-    for t in tensors:
-        if torch.is_tensor(t):
-            st = t.untyped_storage()
-            if st.data_ptr():
-                out[st.data_ptr()] = st.nbytes()
-    return out
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-    for state in optimizer.state.values():
-        yield from (v for v in state.values() if torch.is_tensor(v))
-
-
-def step_and_measure(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-                     x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> int:
-    """Forward + backward + optimizer step on (x, y); the bytes the step holds at its peak.
-
-    Parameters and buffers, gradients, optimizer state, every storage autograd saves for
-    backward that is none of those nor the batch, and the batch. Leaves the model stepped:
-    call it inside ``preserved``.
-    """
-    saved: dict[int, int] = {}
-    alive: list[Any] = []  # freed saved storages could be reused by gradients: same address
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.update(_storages([t]))
-        alive.append(t.untyped_storage())
-        return t
-
-    dtype = _DTYPES[precision]
-    cast = (torch.autocast(x.device.type, dtype=dtype) if dtype is not None
-            else contextlib.nullcontext())
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
-        loss = loss_fn(model, x, y)
-    loss.backward()
-    optimizer.step()
-    params = _storages([*model.parameters(), *model.buffers()])
-    grads = _storages(p.grad for p in model.parameters())
-    state = _storages(_optimizer_tensors(optimizer))
-    batch = _storages([x, y])
-    held = {**grads, **state}
-    activations = {k: v for k, v in saved.items()
-                   if k not in params and k not in held and k not in batch}
-    alive.clear()
-    return sum(params.values()) + sum(held.values()) + sum(activations.values()) + \
-        sum(batch.values())
-
-
-def _tile(x: torch.Tensor, m: int) -> torch.Tensor:
-    """A batch of ``m`` samples from the real ones in ``x`` (repeated) in its own storage of
-    exactly ``m`` samples (a slice would keep a larger storage alive and be counted)."""
-    return x[torch.arange(m, device=x.device) % len(x)]
-
-
-def cpu_trial(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-              x: torch.Tensor, y: torch.Tensor, precision: str, limit_bytes: int,
-              counter: Optional[list[int]] = None) -> Trial:
-    """The CPU trial: the measured peak of one step at size m against ``limit_bytes``."""
-    def trial(m: int) -> tuple[bool, Optional[int]]:
-        if counter is not None:
-            counter[0] += 1
-        with preserved(model, optimizer):
-            peak = step_and_measure(model, optimizer, loss_fn, _tile(x, m), _tile(y, m),
-                                    precision)
-        return peak <= limit_bytes, peak
-    return trial
-
-
-def cuda_trial(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-               x: torch.Tensor, y: torch.Tensor, precision: str, limit_bytes: int,
-               counter: Optional[list[int]] = None) -> Trial:
-    """The CUDA trial: a real step; an out-of-memory error means it does not fit.
-
-    After an OOM the traceback (which holds the failed step's tensors) is dropped before the
-    state is restored, gradients are cleared and the caching allocator is emptied, so the next
-    trial starts from the same memory as the first.
-    """
-    device = x.device
-
-    def run(m: int) -> int:
-        xm, ym = _tile(x, m), _tile(y, m)
-        step_and_measure(model, optimizer, loss_fn, xm, ym, precision)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-
-    def trial(m: int) -> tuple[bool, Optional[int]]:
-        if counter is not None:
-            counter[0] += 1
-        peak: Optional[int] = None
-        with preserved(model, optimizer):
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                peak = run(m)
-            except torch.cuda.OutOfMemoryError:
-                peak = None  # the except block ends here: the failed frames are released
-            except RuntimeError as exc:  # cuBLAS/cuDNN report a failed allocation their way
-                if not _is_oom(exc):
-                    raise
-                peak = None
-            optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return peak is not None and peak <= limit_bytes, peak
-    return trial
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """An allocation failure a library reports as a plain RuntimeError."""
-    text = str(exc)
-    return "out of memory" in text or "ALLOC_FAILED" in text
-
-
 def run_search(cands: list[int], trial: Trial) -> tuple[Optional[int], dict[int, Optional[int]]]:
     """``search`` with a trial; returns the size found and the peak of every size tried."""
     peaks: dict[int, Optional[int]] = {}
@@ -304,18 +135,15 @@ def read_cache(out_dir: str | Path, key: str) -> Optional[dict[str, Any]]:
 
 
 def write_cache(out_dir: str | Path, key: str, entry: dict[str, Any]) -> None:
-    """Add ``entry`` under ``key`` (atomic rename: a killed write leaves the old file)."""
+    """Add ``entry`` under ``key`` (atomically: a killed write leaves the old file)."""
     path = Path(out_dir) / CACHE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
     entries = data.get("entries", {}) if isinstance(data, dict) else {}
     entries[key] = entry
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"entries": entries})
 
 
 # ---- the run's search ------------------------------------------------------------------------
@@ -380,7 +208,7 @@ def find_micro_size(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer
         ConfigError: no candidate, or micro size 1 does not fit on some rank.
     """
     start = time.perf_counter()
-    cands = candidates(cfg.batch.global_size, world_size)
+    cands = micro_candidates(cfg.batch.global_size, world_size)
     x, y = sample
     device = x.device
     limit = memory_limit(cfg, device)

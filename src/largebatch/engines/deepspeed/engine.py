@@ -22,7 +22,7 @@ import contextlib
 import math
 import os
 import types
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -114,8 +114,6 @@ class DeepSpeedEngine(Engine):
     def __init__(self, denv: DistEnv, device: torch.device, cfg: Config, plan: BatchPlan,
                  precision: str = "fp32", grad_clip: float = 0.0) -> None:
         super().__init__(denv, device, precision=precision, grad_clip=grad_clip)
-        # DeepSpeed scales fp16 losses itself; a second (torch) scaler would double-scale.
-        self._scaler = torch.amp.GradScaler(device.type, enabled=False)
         if (precision, grad_clip) != (cfg.train.precision, cfg.optim.grad_clip):
             raise ValueError(f"precision={precision!r}, grad_clip={grad_clip} disagree with the "
                              f"config's {cfg.train.precision!r}, {cfg.optim.grad_clip}")
@@ -188,7 +186,7 @@ class DeepSpeedEngine(Engine):
         """Backward of the already window-weighted loss (DeepSpeed must not divide it again)."""
         self.model.backward(loss, scale_wrt_gas=False)
 
-    def step(self, compute_norm: bool = False) -> Optional[float]:
+    def step(self, compute_norm: bool = False) -> tuple[Optional[float], bool]:
         """DeepSpeed's step on the boundary: clip, step, zero grads; returns the grad norm.
 
         ZeRO 1-3 and DeepSpeed's bf16 optimizer measure the global (averaged, unscaled)
@@ -197,7 +195,9 @@ class DeepSpeedEngine(Engine):
         when it clips; there the module's gradients are already all-reduced after the
         boundary backward, so the norm is measured on them before the step (which may clip).
         None when DeepSpeed was told not to measure (``zero_optimization.compute_grad_norm``
-        false in a user JSON) and no fallback applies, or when nothing asked for a norm.
+        false in a user JSON) and no fallback applies, or when nothing asked for a norm. Not
+        applied: DeepSpeed skipped the update itself (fp16 loss-scale overflow, or an inf/NaN
+        norm it found).
         """
         want = compute_norm or self.grad_clip > 0
         before = None
@@ -208,22 +208,21 @@ class DeepSpeedEngine(Engine):
                                       if p.requires_grad])
         # The sharded modules' (e.g. the Partial FC head's) share of the global norm, before
         # their own optimizers step (a collective: every rank, every step that wants it).
-        head_sq = self.sharded_sq_norm() if want else 0.0
+        head_sq = self.sharded.sq_norm(lambda v: self.reduce_scalars(v, op="sum")) \
+            if want else 0.0
         # The trainer's last micro-batch set the boundary already; restating it keeps a step
         # after an empty window (never produced by the trainer) from silently being skipped.
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
-        # DeepSpeed skipped the update itself (fp16 loss-scale overflow, or an inf/NaN norm it
-        # found): the trainer must then neither step the schedule nor count the step.
-        self.last_step_skipped = not self.model.was_step_applied()
-        self._step_sharded()  # largebatch steps the head, DeepSpeed never sees it
+        applied = bool(self.model.was_step_applied())
+        self.sharded.step()  # largebatch steps the head, DeepSpeed never sees it
         if not want:
-            return None
+            return None, applied
         norm = self.model.get_global_grad_norm()
         norm = before if norm is None else float(norm)
-        if norm is None or not self.extra_modules:
-            return norm
-        return math.sqrt(norm ** 2 + head_sq)
+        if norm is None or not self.sharded:
+            return norm, applied
+        return math.sqrt(norm ** 2 + head_sq), applied
 
     def setup_sharded(self, module: nn.Module,
                       optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
@@ -257,7 +256,8 @@ class DeepSpeedEngine(Engine):
     def _client_steps_module(self) -> bool:
         return ds_state.client_steps_module(self.zero_stage, self.precision)
 
-    def _counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int]:
+        """DeepSpeed's own step/sample/skip counters."""
         return ds_state.counters(self.model)
 
     def local_state(self, to_cpu: bool = True) -> dict[str, Any]:
@@ -283,7 +283,9 @@ class DeepSpeedEngine(Engine):
         if self.precision == "fp16":
             return True
         if self.zero_stage == 0:
-            return super().grads_finite()
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            return not grads or bool(torch.isfinite(
+                torch.stack(torch._foreach_norm(grads, float("inf")))).all())
         return ds_state.partition_grads_finite(self)
 
     def zero_grad(self) -> None:
@@ -292,23 +294,40 @@ class DeepSpeedEngine(Engine):
         Where DeepSpeed steps fp32 masters its gradient buffers clear only in its step, so
         ``ds_state.drop_window`` steps and restores this rank's state from a copy.
         """
-        if self._client_steps_module():
-            return super().zero_grad()
-        ds_state.drop_window(self)
-        self.last_step_skipped = False
-        super().zero_grad()  # the sharded modules' own windows; DeepSpeed's grads are clear
+        if not self._client_steps_module():
+            ds_state.drop_window(self)
+        self.optimizer.zero_grad(set_to_none=True)  # ZeRO 0 / fp32: the module's .grad
+        self.sharded.drop_window()  # the sharded modules' own windows
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Full model weights; the optimizer state here (ZeRO 0 / fp32) or per rank
-        (``ds_state.checkpoint_state``). A collective at ZeRO 3."""
-        return ds_state.checkpoint_state(self)
+        """Full model weights; the optimizer state here at ZeRO 0 / fp32, else in each rank's
+        own half (``ds_state.replicated_state``). A collective at ZeRO 3."""
+        return ds_state.replicated_state(self)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict`` (a resume; ``ds_state.load_checkpoint_state``).
+    def rank_state_dict(self) -> dict[str, Any]:
+        """The sharded modules, and this rank's DeepSpeed partitions where DeepSpeed steps fp32
+        masters (``ds_state.local_state``)."""
+        local = None if self._client_steps_module() else ds_state.local_state(self)
+        return {**super().rank_state_dict(), "deepspeed": local}
+
+    def load_state_dict(self, state: dict[str, Any], rank_state: Optional[dict[str, Any]]
+                        ) -> None:
+        """Restore a resume at the same world size (exact).
 
         Raises:
-            ConfigError: ZeRO >= 1 or bf16 with a checkpoint of another world size, or
-                another stage / partitioning.
+            ConfigError: another ZeRO stage or partitioning.
         """
-        ds_state.load_checkpoint_state(self, state)
+        ds_state.load_replicated(self, state, (rank_state or {}).get("deepspeed"))
+        self.sharded.load_state_dict(rank_state, self.rank, self.world_size)
+
+    def load_resharded(self, state: dict[str, Any],
+                       rank_states: Sequence[Optional[dict[str, Any]]]) -> None:
+        """Restore a set of another world size: only at ZeRO 0 / fp32.
+
+        Raises:
+            ConfigError: ZeRO >= 1 or bf16 (the partitions are cut per world size).
+        """
+        ds_state.check_reshardable(self, len(rank_states))
+        ds_state.load_replicated(self, state, None)
+        self.sharded.load_resharded(rank_states, self.rank, self.world_size)

@@ -1,6 +1,6 @@
 """DeepSpeed engine state: checkpoints, resume and the restore behind a dropped window.
 
-Checkpoints (``checkpoint_state``): the full module weights for rank 0's file, and at ZeRO >= 1
+Checkpoints (``replicated_state``): the full module weights for rank 0's file, and at ZeRO >= 1
 or bf16 each rank's own share of DeepSpeed's state for that rank's file (``local_state``: its
 fp32 partitions and their optimizer state, as plain tensors), so a resume at the same world
 size is exact and everything loads with ``torch.load(weights_only=True)``.
@@ -10,18 +10,16 @@ DeepSpeed clears its gradient buffers only inside its step, so the step runs and
 state is put back from a copy taken just before.
 
 Every function takes the ``DeepSpeedEngine`` after ``setup`` (``engine.model`` is DeepSpeed's
-engine, ``engine.optimizer`` the optimizer DeepSpeed steps).
+engine, ``engine.optimizer`` the optimizer DeepSpeed steps); typed ``Any`` here because the
+engine module imports this one.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional
 
 import torch
 
 from largebatch.config import ConfigError
-
-if TYPE_CHECKING:  # the engine imports this module
-    from largebatch.engines.deepspeed.engine import DeepSpeedEngine
 
 # DeepSpeed engine counters (its step/sample/skip bookkeeping), restored for fidelity.
 _DS_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -51,7 +49,7 @@ def client_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def master_tensors(engine: DeepSpeedEngine) -> list[torch.Tensor]:
+def master_tensors(engine: Any) -> list[torch.Tensor]:
     """The tensors the client optimizer steps on this rank, keys of its ``state``.
 
     ZeRO 1/2 and the bf16/fp16 wrappers put their fp32 masters (at ZeRO 1/2 this rank's flat
@@ -82,7 +80,7 @@ def scaler_state(optimizer: Any) -> dict[str, Any]:
                                       if isinstance(getattr(scaler, a, None), (int, float))}
 
 
-def local_state(engine: DeepSpeedEngine, to_cpu: bool = True) -> dict[str, Any]:
+def local_state(engine: Any, to_cpu: bool = True) -> dict[str, Any]:
     """This rank's share of DeepSpeed's state, as plain tensors (weights_only-loadable).
 
     Not DeepSpeed's ``save_checkpoint``: that pickles DeepSpeed objects (LossScaler,
@@ -116,7 +114,7 @@ def local_state(engine: DeepSpeedEngine, to_cpu: bool = True) -> dict[str, Any]:
         "scaler": scaler_state(engine.optimizer), "counters": counters(engine.model)}
 
 
-def load_local_state(engine: DeepSpeedEngine, local: dict[str, Any]) -> None:
+def load_local_state(engine: Any, local: dict[str, Any]) -> None:
     """Restore ``local_state`` of this rank (same world size, rank and partitioning).
 
     Tensors are copied in place where they exist, so DeepSpeed's links from module parameters
@@ -159,7 +157,7 @@ def load_local_state(engine: DeepSpeedEngine, local: dict[str, Any]) -> None:
         setattr(engine.model, k, v)
 
 
-def check_layout(engine: DeepSpeedEngine, local: dict[str, Any]) -> None:
+def check_layout(engine: Any, local: dict[str, Any]) -> None:
     """Refuse a ``local_state`` of another stage, world size, rank or partitioning.
 
     Raises:
@@ -195,54 +193,28 @@ def restore_optimizer_state(client: torch.optim.Optimizer, key: torch.Tensor,
             current[name] = value
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-def checkpoint_state(engine: DeepSpeedEngine) -> dict[str, Any]:
-    """Full model weights; the optimizer either here or per rank.
-
-    At ZeRO 0 / fp32 the client optimizer's torch state (it steps the module itself).
-    Elsewhere ``optimizer`` is None and each rank's ``local_state`` (its fp32 partitions and
-    their optimizer state) goes to that rank's own file under ``per_rank``, so no rank ever
-    holds more than its partition. Everything loads with weights_only=True. A collective at
-    ZeRO 3 (the full weights are gathered): every rank must call it.
-
-    Args:
-        engine: the set-up DeepSpeed engine.
-
-    Returns:
-        The engine's ``state_dict``.
-    """
+# ---- checkpoints ----------------------------------------------------------------------------
+def replicated_state(engine: Any) -> dict[str, Any]:
+    """What rank 0's file holds: the full module weights, and at ZeRO 0 / fp32 the client
+    optimizer's torch state (it steps the module itself). Elsewhere the optimizer state lives
+    in every rank's own file (``local_state``: its fp32 partitions and their optimizer state),
+    so no rank ever holds more than its partition. A collective at ZeRO 3 (the full weights
+    are gathered): every rank must call it. Everything loads with weights_only=True."""
     steps_module = client_steps_module(engine.zero_stage, engine.precision)
-    per_rank = engine.sharded_state_dict()
-    if not steps_module:
-        per_rank["deepspeed"] = local_state(engine)
     return {"model": engine.model_state_dict(),
             "optimizer": engine.optimizer.state_dict() if steps_module else None,
-            "counters": counters(engine.model),
-            "zero_stage": engine.zero_stage,
-            "rank": engine.rank,
-            "per_rank": per_rank}
+            "counters": counters(engine.model), "zero_stage": engine.zero_stage}
 
 
-def load_checkpoint_state(engine: DeepSpeedEngine, state: dict[str, Any]) -> None:
-    """Restore ``checkpoint_state`` (a resume). Exact at the same world size and ZeRO stage.
-
-    Args:
-        engine: the set-up DeepSpeed engine.
-        state: a ``checkpoint_state`` (with ``per_rank`` of this rank, or ``per_rank_all`` of
-            every rank of a launch at another world size).
+def load_replicated(engine: Any, state: dict[str, Any], local: Optional[dict[str, Any]]
+                    ) -> None:
+    """Restore ``replicated_state`` and this rank's ``local_state`` (``local``; None at ZeRO
+    0 / fp32). Exact at the same world size and ZeRO stage.
 
     Raises:
-        ConfigError: ZeRO >= 1 or bf16 with a checkpoint of another world size (the flat
-            partitions and their optimizer state are cut per world size), or another stage /
-            partitioning.
+        ConfigError: state written at another stage or precision.
     """
     steps_module = client_steps_module(engine.zero_stage, engine.precision)
-    if state.get("per_rank_all") is not None and not steps_module:
-        old = len(state["per_rank_all"])
-        raise ConfigError(f"checkpoint: a DeepSpeed ZeRO {engine.zero_stage} / "
-                          f"{engine.precision} checkpoint of world size {old} cannot resume "
-                          f"at world size {engine.world_size} (its fp32 partitions and "
-                          f"optimizer state are cut per rank); relaunch on {old} ranks")
     if engine.zero_stage < 3:  # ZeRO 3: the ranks' partitions come with local_state
         engine.unwrapped().load_state_dict(state["model"])
     if steps_module:
@@ -252,21 +224,30 @@ def load_checkpoint_state(engine: DeepSpeedEngine, state: dict[str, Any]) -> Non
         engine.optimizer.load_state_dict(state["optimizer"])
         for k, v in state.get("counters", {}).items():
             setattr(engine.model, k, v)
-    else:
-        local = (state.get("per_rank") or {}).get("deepspeed")
-        if local is None:
-            raise ConfigError(f"checkpoint: it holds no per-rank DeepSpeed state for ZeRO "
-                              f"{engine.zero_stage} / {engine.precision} (written at ZeRO "
-                              f"{state.get('zero_stage')}, fp32)")
-        load_local_state(engine, local)
-    if state.get("per_rank_all") is not None:  # written at another world size
-        engine.load_resharded(state["per_rank_all"])
-    else:
-        engine.load_sharded_state_dict(state.get("per_rank"))
+        return
+    if local is None:
+        raise ConfigError(f"checkpoint: it holds no per-rank DeepSpeed state for ZeRO "
+                          f"{engine.zero_stage} / {engine.precision} (written at ZeRO "
+                          f"{state.get('zero_stage')}, fp32)")
+    load_local_state(engine, local)
+
+
+def check_reshardable(engine: Any, old_world: int) -> None:
+    """Only ZeRO 0 / fp32 state moves to another world size.
+
+    Raises:
+        ConfigError: ZeRO >= 1 or bf16/fp16: the fp32 partitions and their optimizer state
+            are cut per rank.
+    """
+    if not client_steps_module(engine.zero_stage, engine.precision):
+        raise ConfigError(f"checkpoint: a DeepSpeed ZeRO {engine.zero_stage} / "
+                          f"{engine.precision} checkpoint of world size {old_world} cannot "
+                          f"resume at world size {engine.world_size} (its fp32 partitions and "
+                          f"optimizer state are cut per rank); relaunch on {old_world} ranks")
 
 
 # ---- a dropped window (train.nonfinite=skip|stop) -----------------------------------------
-def partition_grads_finite(engine: DeepSpeedEngine) -> bool:
+def partition_grads_finite(engine: Any) -> bool:
     """Whether this rank's share of the window's gradients at ZeRO 1-3 is finite.
 
     ZeRO 1/2 hold the reduced gradients of this rank's partition (``averaged_gradients``, what
@@ -294,7 +275,7 @@ def partition_grads_finite(engine: DeepSpeedEngine) -> bool:
     return bool(torch.isfinite(torch.stack(peaks)).all())
 
 
-def drop_window(engine: DeepSpeedEngine) -> None:
+def drop_window(engine: Any) -> None:
     """Run DeepSpeed's step for its side effects and undo its update on this rank.
 
     DeepSpeed keeps the window's gradients in its own buffers (reduced partitions, bucket

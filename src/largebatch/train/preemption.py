@@ -1,0 +1,33 @@
+"""Pre-emption: SIGTERM and SIGUSR1 ask the run to checkpoint and stop after its step.
+
+SIGTERM comes from Slurm's pre-emption and time limit and from torchrun's agent forwarding;
+SIGUSR1 from ``--signal=USR1@T``. The handler only asks (``Trainer.request_stop``): the step
+finishes, the ranks agree in the step's collective (one signalled rank is enough), every rank
+checkpoints the same step, and the process exits 0 to be requeued.
+"""
+from __future__ import annotations
+
+import signal
+import weakref
+from typing import Any
+
+
+def watch_preemption(trainer: Any) -> None:
+    """Install the handlers for ``trainer`` (a no-op off the main thread)."""
+    previous = {}
+    # Weakly: the handler outlives the run, and must not keep its trainer (the model, the engine
+    # and the process group with its threads) alive after train() returns.
+    trainer_ref = weakref.ref(trainer)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer = trainer_ref()
+        if trainer is not None and trainer.request_stop():
+            return
+        # Training is over (a host process calling train() lives on): the old handler again.
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)
+        signal.raise_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread (e.g. embedded in another app): no handler
+            pass
