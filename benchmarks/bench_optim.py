@@ -3,7 +3,7 @@
 The parameter set has the shapes of torchvision's ResNet-18 (62 tensors, ~11.7M parameters,
 float32) in largebatch's two groups (N-D tensors decayed and adapted; 1-D ones excluded), with
 fixed random gradients. The reference is the per-parameter implementation the tests check the
-optimizers against (``tests/optim/test_lars_lamb.py``: in-place ops, one tensor at a time).
+optimizers against (``tests/unit/optim/test_lars_lamb.py``: in-place ops, one tensor at a time).
 Each contender owns its copy of parameters, gradients and state; contenders are interleaved
 within every repeat (rotating who goes first) and the median over repeats is reported, since
 the machine is noisy and shared. The fused path's first step (trace + inductor compile) is

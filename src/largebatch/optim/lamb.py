@@ -15,7 +15,7 @@ weight decay ``wd``::
     ratio = min(ratio, max_trust)                        # only with trust_clip (LAMBC: 1)
     w     = w - lr * ratio * u
 
-This is ``timm.optim.Lamb`` option for option (``tests/optim/test_timm_reference.py`` checks it
+This is ``timm.optim.Lamb`` option for option (``tests/unit/optim/test_timm_reference.py`` checks it
 against timm itself; timm's ``caution`` and ``corrected_weight_decay`` are not offered).
 With ``decoupled_decay`` the weights shrink first, so the trust ratio sees the decayed ``w``
 and ``u`` has no decay term (timm's order).

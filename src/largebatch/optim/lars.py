@@ -13,7 +13,7 @@ momentum ``mu``, dampening ``damp`` and trust coefficient ``eta``, one step is::
     d     = d + mu * buf   if nesterov   else   buf
     w     = w - lr * d
 
-This is timm's ``timm.optim.Lars`` step, option for option (``tests/optim/test_timm_reference.py``
+This is timm's ``timm.optim.Lars`` step, option for option (``tests/unit/optim/test_timm_reference.py``
 checks it against timm itself), and torch's SGD momentum/dampening/Nesterov around the scaled
 gradient: the torch-SGD form (LR outside the momentum buffer, as torch.optim.SGD, timm and
 apex's LARC), not the paper's ``v = mu*v + lr*ratio*d; w -= v``. The two agree while the LR

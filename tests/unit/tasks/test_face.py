@@ -8,7 +8,7 @@ One 2-rank session trains every run through ``build_run`` (DDP engine + Partial 
   * r = 0.5: accumulation of 2 micro-batches of 10 equals 1 micro-batch of 20 (the class
     sample is fixed per window from all its labels), and differs from r = 1 (sampling acts).
 Plus unit checks: the dataset's determinism and sharding, ``largebatch plan`` output lines
-(verification itself: tests/face/test_verification.py).
+(verification itself: tests/unit/face/test_verification.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from largebatch.config import load_config
 from largebatch.data.faces import PairLoader, SyntheticFaceLoader
 from tests.conftest import free_port, run_cli
-from tests.tasks._face_runs import TINY, load_run, max_diff, overrides, reference, session
+from tests.unit.tasks._face_runs import TINY, load_run, max_diff, overrides, reference, session
 
 TOL = 1e-5
 RUNS = {"r1": overrides(),

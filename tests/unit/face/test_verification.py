@@ -23,7 +23,7 @@ from largebatch.config import ConfigError, load_config
 from largebatch.face.verification import fold_bounds, flip_embed, tar_at_far, ten_fold
 from largebatch.tasks.face import FaceTask, pair_distances
 from tests._launch import spawn
-from tests.tasks._face_runs import TINY
+from tests.unit.tasks._face_runs import TINY
 
 # ---- ten_fold: hand-computed -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from largebatch.config import ConfigError
 from largebatch.face import ArcFace, CosFace, PartialFC, PartialFCAdamW, PartialFCSGD, \
     expected_positive_share, fc_memory, reshard, shard_range
 from largebatch.face.shards import init_rows
-from tests.face._reference import reference
+from tests.unit.face._reference import reference
 
 
 def _batch(n: int, d: int, classes: int, seed: int = 0):

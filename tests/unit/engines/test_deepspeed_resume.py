@@ -38,7 +38,7 @@ ADAMW = ["optim.name=adamw", "optim.momentum=0", "optim.lr=0.002", "optim.weight
 RESUME_CASES = {"z1_sgd": (1, SGD), "z2_adamw": (2, ADAMW),
                 "z3_adamw_bf16": (3, ADAMW + ["train.precision=bf16"])}
 # DeepSpeed vs DDP after 6 steps: the same gradients summed in other buckets and orders
-# differ in the last bits (measured 0 to 3e-8 in tests/engines/test_deepspeed.py).
+# differ in the last bits (measured 0 to 3e-8 in tests/unit/engines/test_deepspeed.py).
 ATOL = 1e-6
 BAD_WINDOW = 4  # the non-finite window (1-based); optimizer state exists by then
 DS_LEAKS = "DeepSpeed ZeRO 3 keeps its engine and the process groups alive in-process"

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from largebatch.config import load_config
 from largebatch.dist import DistEnv
 from tests.conftest import free_port
-from tests.tasks._face_runs import TINY, overrides
+from tests.unit.tasks._face_runs import TINY, overrides
 
 C = 101
 COMMON = ("batch.global_size=60", "face.sample_rate=0.5", "train.epochs=2")

@@ -4,7 +4,7 @@ The session trains real runs through ``largebatch.train.build.build_run`` on glo
 per run, the backbone, every rank's head shard (with its class range) and the logged
 training records. The reference is a plain single-process loop written without largebatch's
 head, engine or trainer: the full class matrix, F.normalize/F.linear, the margin as torch ops
-(tests/face/_reference.py), F.cross_entropy, torch.optim.SGD, clip_grad_norm_.
+(tests/unit/face/_reference.py), F.cross_entropy, torch.optim.SGD, clip_grad_norm_.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from largebatch.dist import DistEnv, seed_everything
 from largebatch.face.shards import init_rows
 from largebatch.models import build_face_backbone
 from tests.conftest import CONFIGS
-from tests.face._reference import margin_logits
+from tests.unit.face._reference import margin_logits
 
 TINY = CONFIGS / "face" / "synthetic_tiny.yaml"
 # C = 101: uneven shards over 2 ranks (51 + 50); global 40 = 20 x 2 ranks; 5 steps.

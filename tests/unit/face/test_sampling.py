@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from largebatch.face import ArcFace, PartialFC, PartialFCSGD, reshard
-from tests.face._reference import reference
-from tests.face._workers import C, LR, MOMENTUM, SD, WD, window_batch
+from tests.unit.face._reference import reference
+from tests.unit.face._workers import C, LR, MOMENTUM, SD, WD, window_batch
 
 
 def _sampled(pfc2, key):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.face._spawn import spawn
-from tests.face._workers import run_all
+from tests.unit.face._spawn import spawn
+from tests.unit.face._workers import run_all
 
 
 @pytest.fixture(scope="session")
 def pfc2(tmp_path_factory) -> list[dict]:
-    """Per-rank results of ``tests.face._workers.run_all`` on 2 gloo ranks."""
+    """Per-rank results of ``tests.unit.face._workers.run_all`` on 2 gloo ranks."""
     out = tmp_path_factory.mktemp("pfc2")
     spawn(run_all, 2, str(out), timeout=180)
     # weights_only: a head's state dict must load with torch's safe unpickler

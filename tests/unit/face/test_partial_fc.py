@@ -3,7 +3,7 @@
 C = 1001 classes make uneven shards ([0, 501) and [501, 1001)); the labels sit on the shard
 boundaries; the ranks hold 9 and 7 rows (an uneven gather). The reference is written
 plainly: F.normalize, F.linear, the margin as torch ops (cos(theta + m) by the angle-sum
-identity, not the head's code), F.cross_entropy and autograd (tests/face/_reference.py).
+identity, not the head's code), F.cross_entropy and autograd (tests/unit/face/_reference.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.face._reference import margin_logits, reference
-from tests.face._workers import S, SIZES, global_batch
+from tests.unit.face._reference import margin_logits, reference
+from tests.unit.face._workers import S, SIZES, global_batch
 
 
 def _ranks(pfc2, key):

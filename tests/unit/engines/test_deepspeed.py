@@ -250,7 +250,7 @@ def test_state_dict_is_full_and_weights_only_loadable(session):
         for stage in (0, 1, 2, 3):  # and engine.state_dict() survives a weights_only load
             assert _max_diff(probes[stage]["reloaded_model"], probes[stage]["state_long"]) == 0
         # load_state_dict restores at every stage (ZeRO 1-3: each rank's partitions, see
-        # tests/engines/test_deepspeed_resume.py)
+        # tests/unit/engines/test_deepspeed_resume.py)
         for stage in (0, 1, 2, 3):
             assert _max_diff(probes[stage]["restored"], probes[stage]["state_long"]) == 0
 

@@ -4,7 +4,7 @@ One 2-rank gloo session (DeepSpeed is imported once) trains, through ``build_run
 task at r = 0.5 with 2 accumulated micro-batches for 5 steps on DDP and on DeepSpeed ZeRO 1 and
 2. DeepSpeed never sees the head: it is placed by ``Engine.setup_sharded`` and stepped by its
 own optimizer at the same boundary, with the same LR schedule (warmup: a new LR each step).
-Tolerance 1e-6 (as tests/engines/test_deepspeed.py): the backbone's gradients are reduced in
+Tolerance 1e-6 (as tests/unit/engines/test_deepspeed.py): the backbone's gradients are reduced in
 other buckets/orders (last-bit differences), the head's path is identical.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.tasks._face_runs import load_run, max_diff, overrides, session
+from tests.unit.tasks._face_runs import load_run, max_diff, overrides, session
 
 ATOL = 1e-6
 COMMON = ("face.sample_rate=0.5", "batch.accum_steps=2", "schedule.warmup_steps=3")
