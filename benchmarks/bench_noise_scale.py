@@ -119,8 +119,12 @@ def make_contender(name: str, data_root: str, out_dir: str) -> tuple[Any, Any]:
                                MICRO, GLOBAL // MICRO)
     trainer = run.trainer
     trainer.train_loader.set_epoch(0)
-    trainer._bench_batches = iter(trainer.train_loader)
+    _BATCHES[id(trainer)] = iter(trainer.train_loader)
     return trainer, hooks
+
+
+#: The micro-batch iterator each contender's steps read from (by trainer id).
+_BATCHES: dict[int, Any] = {}
 
 
 def time_steps(trainer: Any, steps: int, clock: Callable[[], float]) -> list[float]:
@@ -130,12 +134,12 @@ def time_steps(trainer: Any, steps: int, clock: Callable[[], float]) -> list[flo
     for _ in range(steps):
         try:
             t0 = clock()
-            trainer.train_step(trainer._bench_batches, accum, GLOBAL)
+            trainer.train_step(_BATCHES[id(trainer)], accum, GLOBAL)
         except StopIteration:  # epoch over: restart the loader, redo the step
             trainer.train_loader.set_epoch(1)
-            trainer._bench_batches = iter(trainer.train_loader)
+            _BATCHES[id(trainer)] = iter(trainer.train_loader)
             t0 = clock()
-            trainer.train_step(trainer._bench_batches, accum, GLOBAL)
+            trainer.train_step(_BATCHES[id(trainer)], accum, GLOBAL)
         out.append(clock() - t0)
     return out
 

@@ -90,8 +90,9 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def _evaluate_and_decide(self) -> None:
-        """Evaluate, record, check the target, and let the policies act on the metrics."""
+    def _evaluate_and_decide(self) -> bool:
+        """Evaluate, record, check the target, and let the policies act on the metrics.
+        Returns whether the micro size changed (see ``_ask_policies``)."""
         s = self.state
         t0 = time.perf_counter()
         s.metrics = self.evaluate()
@@ -103,9 +104,9 @@ class Trainer:
         target, value = self.cfg.train.target_acc, s.metrics[self.target.name]
         if target > 0 and not self.target.better(target, value):
             s.target_reached(epoch)
-        for policy in self.policies.policies:
-            for change in policy.after_eval(self._view(metrics=s.metrics)):
-                self._apply(change)
+        # (deciding on the metrics belongs to the evaluation's time, not to training's)
+        return self._ask_policies("after_eval", self.plan.position(s.consumed), timed=False,
+                                  metrics=s.metrics)
 
     # ---- plan changes -----------------------------------------------------------------------
     def _view(self, **facts: Any) -> PolicyView:
@@ -117,17 +118,19 @@ class Trainer:
                           sample=self.steps.last_sample, reduce_mean=reduce_mean,
                           log=self.logger.log, **facts)
 
-    def _ask_policies(self, hook: str, position: int, **facts: Any) -> bool:
+    def _ask_policies(self, hook: str, position: int, timed: bool = True,
+                      **facts: Any) -> bool:
         """Ask every policy at ``hook``; apply their changes. Returns whether the micro size
-        changed (the rest of the epoch is then cut again from ``position``). The time spent
-        deciding is training time."""
+        changed (the rest of the epoch is then cut again from ``position``). ``timed``: the
+        time spent deciding is training time."""
         if not self.policies.policies:
             return False
         t0, micro = time.perf_counter(), self.plan.micro_size
         for policy in self.policies.policies:
             for change in getattr(policy, hook)(self._view(position=position, **facts)):
                 self._apply(change)
-        self.state.train_time_s += time.perf_counter() - t0
+        if timed:
+            self.state.train_time_s += time.perf_counter() - t0
         return self.plan.micro_size != micro
 
     def _apply(self, change: PlanChange) -> None:
@@ -203,8 +206,7 @@ class Trainer:
 
     def _maybe_checkpoint(self) -> None:
         """A set every checkpoint.every_steps and at the last step, whatever ended the run
-        (pre-emption included): before the closing evaluation, as an uninterrupted longer
-        run would be at that step."""
+        (pre-emption included), before the closing evaluation (as a longer run has it)."""
         every, s = self.cfg.checkpoint.every_steps, self.state
         if self.checkpointer is None or self.checkpointer.has_set(s.step):
             return  # this step's set exists (a stop right after a periodic set)
@@ -217,8 +219,8 @@ class Trainer:
         return {"epoch": s.epoch, "consumed": s.consumed, "plan": self.plan.to_json()}
 
     def _epoch_batches(self) -> Iterator[Batch]:
-        """This epoch's micro-batches from the current position (the same order as a fresh
-        epoch, minus what was consumed: a resume or a re-cut in another micro size)."""
+        """This epoch's micro-batches from the current position (a fresh epoch's order minus
+        what was consumed: a resume, or a re-cut in another micro size)."""
         batches = iter(self.train_loader)
         for _ in range(self.state.consumed):
             next(batches)
@@ -258,15 +260,16 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self._eval_due() and not s.diverged:
-                self._evaluate_and_decide()
+            recut = self._eval_due() and not s.diverged and self._evaluate_and_decide()
             # After every applied step the policies learn; inside the epoch they may change the
             # plan (at its end the next epoch's start decides).
             if applied and self._ask_policies(
                     "after_step", position, step_seconds=seconds, micro_batches=n_micro,
                     noise_raw=self.noise.raw,
                     epoch_end=s.consumed >= self.plan.micro_batches_per_epoch):
-                s.consumed = self.plan.consumed_at(position)  # the rest in the new micro size
+                recut = True
+            if recut and position < self.plan.shard_size:  # the rest in the new micro size
+                s.consumed = self.plan.consumed_at(position)
                 batches = self._epoch_batches()
             s.stop_reason = self._should_stop()
             self._maybe_checkpoint()
@@ -307,8 +310,7 @@ class Trainer:
         return summary
 
     def _finished_before_start(self) -> Optional[dict[str, Any]]:
-        """A requeued or re-launched run whose stop condition already holds does no step
-        (the loop checks it only after a step); the stored summary when it is all done."""
+        """The stored summary when a requeued run's stop condition already holds (no step)."""
         t, s = self.cfg.train, self.state
         self.flags.over_budget = bool(t.time_budget_s) and s.train_time_s >= t.time_budget_s
         s.stop_reason = self._should_stop()
@@ -333,8 +335,8 @@ class Trainer:
         return True
 
     def full_windows(self) -> Iterator[tuple[Iterator[Batch], int, int]]:
-        """``(batches, n_micro, window_samples)`` of full planned windows, epoch after epoch
-        from the current one (an epoch's short last window is skipped), for ``train_step``."""
+        """``train_step``'s arguments for full planned windows from this epoch on (an epoch's
+        short last window skipped)."""
         plan, epoch = self.plan, self.state.epoch
         while plan.full_windows_per_epoch:  # (none: the epoch is smaller than one batch)
             self.train_loader.set_epoch(epoch)
@@ -344,8 +346,7 @@ class Trainer:
             epoch += 1
 
     def use_lr_plan(self, initial: BatchPlan, current: BatchPlan, start_factor: float) -> None:
-        """Train with the LR fields of ``initial`` (the run's first plan) and ``current`` (the
-        plan in force; the same one for a fresh run): ``optim.lr=auto``'s outcome."""
+        """``optim.lr=auto``'s outcome: the first plan and the plan in force with its LR."""
         self.initial_plan, self.plan = initial, current
         self.schedule.retarget(current.peak_lr, current.warmup_steps, start_factor)
 
@@ -374,8 +375,7 @@ class Trainer:
         set_rng_state(snap.rng)
 
     # ---- the trainer's own part of a checkpoint ---------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The loop's counters and the plan in force."""
+    def state_dict(self) -> dict[str, Any]:  # the loop's counters and the plan in force
         return {"run": self.state.state_dict(), "plan": self.plan.to_json()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
