@@ -39,21 +39,38 @@ def resolve_batch(global_size: Optional[int], micro_size: Optional[int],
     if g is not None and m is not None:
         if g % (m * w):
             raise ConfigError(f"batch.global_size={g} is not divisible by micro_size {m} x "
-                              f"world_size {w}")
+                              f"world_size {w}{_suggest(g, m, w)}")
         return g, m, g // (m * w)
     if g is not None and a is not None:
         if g % (a * w):
             raise ConfigError(f"batch.global_size={g} is not divisible by accum_steps {a} x "
-                              f"world_size {w}")
+                              f"world_size {w}{_suggest(g, None, w)}")
         return g, g // (a * w), a
     if m is not None:
         a = a or 1
         return m * a * w, m, a
     if g is not None:
         if g % w:
-            raise ConfigError(f"batch.global_size={g} is not divisible by world_size {w}")
+            raise ConfigError(f"batch.global_size={g} is not divisible by world_size {w}"
+                              f"{_suggest(g, None, w)}")
         return g, g // w, 1
     raise ConfigError("batch: set at least batch.global_size or batch.micro_size")
+
+
+def _suggest(g: int, m: Optional[int], w: int) -> str:
+    """The nearest valid settings for a global batch ``g`` that does not divide: the global
+    batches around it that micro x world divides (or world alone, without a micro size), and
+    the micro sizes that keep ``g`` when the world divides it."""
+    unit = m * w if m else w
+    lo, hi = g // unit * unit, -(-g // unit) * unit
+    batches = " or ".join(str(b) for b in (lo, hi) if b > 0)
+    out = f"; nearest valid: batch.global_size={batches}"
+    if m and g % w == 0:  # the batch fits this world: another micro size keeps it
+        per_rank = g // w
+        fits = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        near = sorted(fits, key=lambda d: (abs(d - m), d))[:2]
+        out += f", or batch.micro_size={' or '.join(str(d) for d in sorted(near))}"
+    return out
 
 
 def scaled_lr(base_lr: float, rule: str, global_size: int, base_batch: int) -> float:

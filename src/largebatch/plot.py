@@ -153,7 +153,10 @@ def moving_average(values: list[float], k: int) -> list[float]:
 
 
 def eval_metric_names(runs: list[Run]) -> list[str]:
-    """Every numeric eval field over all runs, in first-seen order."""
+    """Every numeric eval field over all runs, in first-seen order, each metric once: the face
+    task's primary figures (``verification_acc``, ``tar_at_far_1e-3``, ...) ARE its first named
+    set's (``lfw_acc``, ``lfw_tar_at_far_1e-3``); where every eval record says so, only the
+    named one is drawn."""
     names: dict[str, None] = {}
     for run in runs:
         for r in run.of_kind("eval"):
@@ -161,7 +164,12 @@ def eval_metric_names(runs: list[Run]) -> list[str]:
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if key not in POSITION_KEYS and (numeric or value in ("nan", "inf", "-inf")):
                     names.setdefault(key)
-    return list(names)
+    series = {n: [r.get(n) for run in runs for r in run.of_kind("eval")] for n in names}
+
+    def alias(n: str) -> bool:  # a primary figure shown under its set's name
+        suffix = "_" + n.removeprefix("verification_")
+        return any(m != n and m.endswith(suffix) and series[m] == series[n] for m in names)
+    return [n for n in names if not alias(n)]
 
 
 def batch_series(run: Run) -> Series:

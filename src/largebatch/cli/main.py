@@ -42,6 +42,11 @@ COMMANDS: dict[str, str] = {
     "lr-find": "largebatch.cli.lr_find",
     "plot": "largebatch.cli.plot",
     "noise-scale": "largebatch.cli.noise_scale",
+    "convert": "largebatch.cli.convert",
+    "eval": "largebatch.cli.eval",
+    "embed": "largebatch.cli.embed",
+    "make-bin": "largebatch.cli.make_bin",
+    "export": "largebatch.cli.export",
 }
 
 
@@ -91,6 +96,25 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
+def _adopt_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local-rank N`` (what torch.distributed.launch and the
+    deepspeed launcher append for scripts that read it, arcface_torch's among them): largebatch
+    reads ``LOCAL_RANK`` from the environment, and takes the argument's value only when the
+    launcher set no variable."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not value and i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the ``largebatch`` command and ``python -m largebatch``.
 
@@ -102,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         SystemExit: always, with the command's exit code (2 for bad input, 130 on Ctrl-C).
     """
     parser = _parser()
+    real_process = argv is None
+    argv = _adopt_local_rank(list(sys.argv[1:] if argv is None else argv))
     # Options may come after the overrides (`plan cfg.yaml a=1 --json`): collect leftovers.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
@@ -110,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if extra:
         args.overrides = list(args.overrides) + extra
     # A real process (not a test calling main([...])) that trained exits hard once flushed.
-    hard = argv is None and args.hard_exit
+    hard = real_process and args.hard_exit
     try:
         code = args.run_command(args)
     except ConfigError as exc:

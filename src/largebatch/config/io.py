@@ -5,6 +5,7 @@ Generic machinery (no section knows about it): ``largebatch.config`` defines the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -85,10 +86,41 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known in this section: "
-                              f"{', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_hint(key, prefix, names)} "
+                              f"(known in this section: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+#: insightface arcface_torch's config names (``configs/*.py``) and what largebatch calls them:
+#: a user bringing a recipe gets the key to write, not just "unknown".
+ARCFACE_KEYS = {
+    "margin_list": "face.margin=combined with face.m1, face.m2, face.m3 (arcface_torch's "
+                   "(m1, m2, m3); ArcFace (1.0, 0.5, 0.0) is face.margin=arcface face.m2=0.5, "
+                   "CosFace (1.0, 0.0, 0.4) face.margin=cosface face.m3=0.4)",
+    "loss": "face.margin", "network": "model.name (r50 -> iresnet50)",
+    "fp16": "train.precision=fp16", "embedding_size": "face.embedding_size",
+    "sample_rate": "face.sample_rate", "num_classes": "face.num_classes",
+    "lr": "optim.lr (with optim.base_batch: the batch that LR is for)",
+    "momentum": "optim.momentum", "weight_decay": "optim.weight_decay",
+    "optimizer": "optim.name", "batch_size": "batch.micro_size (per GPU, as arcface_torch's) "
+    "or batch.global_size", "gradient_acc": "batch.accum_steps",
+    "num_epoch": "train.epochs", "warmup_epoch": "schedule.warmup_epochs",
+    "val_targets": "face.val_targets", "rec": "data.root (with data.name=recordio)",
+    "num_image": "nothing (read from the data)", "output": "log.out_dir",
+    "resume": "checkpoint.resume", "seed": "train.seed", "num_workers": "data.num_workers",
+    "frequent": "log.every_steps", "verbose": "train.eval_every_samples (in samples)",
+    "local_rank": "nothing (LOCAL_RANK is read from the environment)",
+    "dali": "nothing (RecordIO is read without DALI)",
+}
+
+
+def _hint(key: str, prefix: str, names: set[str]) -> str:
+    """', did you mean ...?' for a misspelt key or an arcface_torch name ('' for none)."""
+    if key in ARCFACE_KEYS:
+        return f" (arcface_torch's {key}: here {ARCFACE_KEYS[key]})"
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+    return f", did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def to_dict(cfg: Any) -> dict:

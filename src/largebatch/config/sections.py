@@ -306,7 +306,11 @@ class LogConfig:
     every_steps: int = doc("Log the training loss every N optimizer steps.", 1)
     grad_norm: bool = doc("Measure the global gradient norm every step when not clipping "
                           "(always measured when optim.grad_clip > 0).", True)
-    progress: bool = doc("Show a tqdm progress bar on rank 0.", True)
+    progress: bool = doc("Rank 0 shows the run: a line every log.every_steps and one per "
+                         "evaluation (a progress bar above them on a terminal; plain lines, no "
+                         "carriage returns, in a log file).", True)
+    tensorboard: bool = doc("Also write TensorBoard scalars to log.out_dir/tensorboard (every "
+                            "numeric field of the train, eval and plan records).", False)
     wandb: WandbConfig = doc("Weights & Biases settings.", factory=WandbConfig)
 
 

@@ -18,6 +18,7 @@ ADAPT_RULES = ("rank", "timm")  # optim.adapt_rule; param_groups implements both
 #: Closed lists of values; the open ones (engine, task, dataset, model names) are registries.
 _CHOICES = {
     "data.loader": ("memory", "torch"),
+    "face.margin": ("arcface", "cosface", "combined"),
     "optim.name": ("sgd", "adamw", "lars", "lamb"),
     "optim.scale_rule": ("none", "linear", "sqrt"),
     "optim.adapt_rule": ADAPT_RULES,
@@ -83,6 +84,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name} needs whole parameter tensors; "
                           f"engine.zero_stage={cfg.engine.zero_stage} of engine.name="
                           f"{cfg.engine.name} partitions them (use 0)")
+    _check_face(cfg.face)
     _check_applicable(cfg)  # first: "does not apply" says more than a range error would
     _check_batch(cfg)
     _check_optim(cfg.optim)
@@ -154,6 +156,21 @@ def _check_adapt(cfg: Config) -> None:
     if b.adapt_max_micro is not None and micro is not None and b.adapt_max_micro < micro:
         raise ConfigError(f"batch.adapt_max_micro={b.adapt_max_micro} is smaller than "
                           f"batch.micro_size={micro}")
+
+
+def _check_face(f: Any) -> None:
+    """The face head's keys, checked for every task so that ``largebatch plan`` refuses what
+    ``train`` would (the synthetic data's own keys are checked with the data)."""
+    if not 0.0 < f.sample_rate <= 1.0:
+        raise ConfigError(f"face.sample_rate={f.sample_rate} must be in (0, 1] (the share of "
+                          f"each shard's classes sampled per window)")
+    for key in ("num_classes", "embedding_size"):
+        if getattr(f, key) < 1:
+            raise ConfigError(f"face.{key}={getattr(f, key)} must be >= 1")
+    if not (f.s > 0 and f.m1 > 0):
+        raise ConfigError(f"face.s={f.s} and face.m1={f.m1} must be > 0")
+    if not (0.0 <= f.m2 < math.pi and f.m3 >= 0.0):
+        raise ConfigError(f"face.m2={f.m2} must be in [0, pi) and face.m3={f.m3} >= 0")
 
 
 def _check_lr(lr: float | str) -> None:

@@ -2,14 +2,22 @@
 
 A ``.bin`` is a pickle of ``(bins, issame_list)``: ``2 P`` encoded images (pair ``k`` is
 ``bins[2k], bins[2k + 1]``) and ``P`` booleans. insightface wrote them with Python 2 (so its
-``str`` arrive as bytes with ``encoding='bytes'``) or 3; an image is ``bytes`` or a 1-D uint8
-numpy array of those bytes.
+``str`` arrive as bytes with ``encoding='bytes'``) or 3, at protocols 2 to 5. Every layout its
+scripts write is read:
+
+* an image is ``bytes`` (``lfw2pack.py``: the JPEG file's bytes), or a uint8 numpy array of
+  those bytes of shape ``(n,)`` or ``(n, 1)`` (``agedb2pack2.py``/``cfp2pack.py`` store
+  ``cv2.imencode``'s output, which is ``(n, 1)``);
+* ``issame_list`` is a list or tuple of ``bool``, ``0``/``1``, or numpy booleans
+  (``np.bool_``, pickled as ``numpy.core.multiarray.scalar(dtype('b1'), b'\x01')``).
 
 A pickle runs whatever callable its globals name, so these files are read by ``_BinUnpickler``,
 whose ``find_class`` admits exactly the names numpy 1.x and 2.x (and Python 3 at protocol 2)
-use to rebuild a plain uint8 array, and maps each to a checking stand-in here: no numpy
-function ever sees the file's arguments, no other global (``os.system``, ``numpy.save``...)
-is ever resolved, so a planted payload never runs. Non-uint8 (and object) arrays are refused.
+use to rebuild a plain uint8 array or a numpy boolean, and maps each to a checking stand-in
+here: no numpy function ever sees the file's arguments, no other global (``os.system``,
+``numpy.save``...) is ever resolved, so a planted payload never runs. Arrays of any dtype but
+uint8 (object arrays included), of any other shape, and scalars of any dtype but bool are
+refused.
 
 ``BinPairLoader`` yields exactly ``PairLoader``'s batches (``data/faces.py``): ``x (n, 2, 3,
 112, 112)`` normalised, ``y (n, 2) = [global pair index, same]``, pairs strided over ranks.
@@ -42,35 +50,56 @@ class _NdarrayMarker:
 _NDARRAY = _NdarrayMarker()
 
 
-class _U1Dtype:
-    """Stands in for ``numpy.dtype(obj, align, copy)``: only uint8 (``'u1'``) is accepted."""
+#: numpy's names of the only two dtypes a ``.bin`` holds: uint8 (image bytes), bool (issame).
+_DTYPES = {"u1": "u1", "|u1": "u1", "uint8": "u1", "b1": "b1", "|b1": "b1", "bool": "b1",
+           "?": "b1"}
+
+
+class _Dtype:
+    """Stands in for ``numpy.dtype(obj, align, copy)``: only uint8 and bool are accepted."""
 
     def __init__(self, obj: Any = None, align: Any = False, copy: Any = False) -> None:
         name = obj.decode("latin1") if isinstance(obj, (bytes, bytearray)) else obj
-        if name not in ("u1", "|u1", "uint8"):
-            raise _Refused(f"holds a numpy array of dtype {name!r} (only uint8 is admitted)")
-        self.ok = True
+        if not isinstance(name, str) or name not in _DTYPES:
+            raise _Refused(f"holds a numpy value of dtype {name!r} (only uint8 image arrays "
+                           f"and bool issame scalars are admitted)")
+        self.kind = _DTYPES[name]
 
     def __setstate__(self, state: Any) -> None:
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags): a plain
-        # uint8 has no subarray, names or fields.
+        # uint8 / bool has no subarray, names or fields.
         if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None,) * 3):
             raise _Refused("holds a structured or sub-array dtype (only plain uint8)")
 
 
 def _as_uint8(data: Any, dtype: Any, shape: Any) -> np.ndarray:
-    """The checked 1-D uint8 array of ``data`` (bytes) with ``shape``."""
-    if not (isinstance(dtype, _U1Dtype) and getattr(dtype, "ok", False)):
-        raise _Refused("holds an array whose dtype is not a numpy uint8 dtype")
+    """The checked 1-D uint8 array of ``data`` (bytes) with ``shape`` ``(n,)`` or ``(n, 1)``
+    (``cv2.imencode``'s column: the same bytes in the same order)."""
+    if not isinstance(dtype, _Dtype):
+        raise _Refused("holds an array whose dtype is not a numpy dtype")
+    if dtype.kind != "u1":
+        raise _Refused(f"holds a numpy array of dtype {dtype.kind!r} (images are uint8)")
     if isinstance(data, str):  # latin-1 text: how numpy pickles raw bytes as text
         data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)):
         raise _Refused(f"holds array data of type {type(data).__name__} (expected bytes)")
-    if not (isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int)
-            and shape[0] == len(data)):
-        raise _Refused(f"holds an array of shape {shape!r} for {len(data)} bytes "
-                       f"(expected a 1-D uint8 array of the image's bytes)")
+    n = len(data)
+    if not (isinstance(shape, tuple) and shape in ((n,), (n, 1))
+            and all(type(d) is int for d in shape)):
+        raise _Refused(f"holds an array of shape {shape!r} for {n} bytes (expected a uint8 "
+                       f"array of the image's bytes, shape (n,) or (n, 1))")
     return np.frombuffer(bytes(data), dtype=np.uint8)
+
+
+def _scalar(dtype: Any, data: Any = None) -> bool:
+    """Stands in for ``numpy.core.multiarray.scalar(dtype, bytes)``: a numpy bool only."""
+    if not (isinstance(dtype, _Dtype) and dtype.kind == "b1"):
+        raise _Refused("holds a numpy scalar that is not a bool (issame is a list of bools)")
+    if isinstance(data, str):  # Python 3 at protocol 2 / Python 2: latin-1 text
+        data = data.encode("latin1")
+    if not (isinstance(data, (bytes, bytearray)) and bytes(data) in (b"\x00", b"\x01")):
+        raise _Refused(f"holds a numpy bool whose data is {data!r} (expected one byte 0/1)")
+    return bytes(data) == b"\x01"
 
 
 class _ArrayState:
@@ -92,7 +121,10 @@ def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayState:
 
 
 def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
-    # numpy >= 1.16 at pickle protocol 5: _frombuffer(buffer, dtype, shape, order).
+    # numpy >= 1.16 at pickle protocol 5: _frombuffer(buffer, dtype, shape, order). Both
+    # orders of an (n,) or (n, 1) array are the same bytes.
+    if order not in ("C", "F"):
+        raise _Refused(f"holds an array of memory order {order!r}")
     return _as_uint8(buf, dtype, shape)
 
 
@@ -110,8 +142,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # numpy 1.x, protocol 5
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,  # numpy 2.x, protocol 5
+    ("numpy.core.multiarray", "scalar"): _scalar,  # np.bool_ in issame, numpy 1.x
+    ("numpy._core.multiarray", "scalar"): _scalar,  # np.bool_ in issame, numpy 2.x
     ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _U1Dtype,
+    ("numpy", "dtype"): _Dtype,
     ("_codecs", "encode"): _codecs_encode,  # Python 3, protocol 2
 }
 

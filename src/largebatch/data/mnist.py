@@ -69,6 +69,11 @@ def load_mnist_tensors(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torc
     return images.contiguous(), labels.contiguous()
 
 
+def mnist_files(cfg: DataConfig) -> list[Path]:
+    """The raw files of the split (what the ranks compare before training)."""
+    return sorted((Path(cfg.root) / "MNIST" / "raw").glob("*-ubyte"))
+
+
 def mnist_size(cfg: DataConfig, train: bool = True) -> int:
     """Number of samples in the split after ``subset`` — without reading the files."""
     n = SIZES["train" if train else "test"]

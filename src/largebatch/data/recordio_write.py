@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from largebatch.data.face_images import decode_image
 from largebatch.data.recordio import IDX_NAME, REC_NAME, frame, pack
@@ -83,11 +83,13 @@ def write_face_rec(root: str | Path, samples: Iterable[tuple[bytes, Any]]) -> in
     return n
 
 
-def imagefolder_to_rec(src_root: str | Path, dst_root: str | Path, quality: int = 95) -> int:
+def imagefolder_to_rec(src_root: str | Path, dst_root: str | Path, quality: int = 95,
+                       progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Convert an ImageFolder tree (one folder per identity) to ``train.rec`` + ``train.idx``.
 
     JPEG files are copied byte for byte; other formats are encoded as JPEG at ``quality``.
-    Every image is decoded once to check it (a bad file fails here, naming it).
+    Every image is decoded once to check it (a bad file fails here, naming it, in one
+    ``ConfigError`` line). ``progress(done, total)`` is called after every image.
     """
     from largebatch.data.imagefolder import scan
 
@@ -97,7 +99,9 @@ def imagefolder_to_rec(src_root: str | Path, dst_root: str | Path, quality: int 
         import io
 
         from PIL import Image
-        for path, label in zip(paths, labels):
+        for done, (path, label) in enumerate(zip(paths, labels), 1):
+            if progress is not None:
+                progress(done - 1, len(paths))
             data = Path(path).read_bytes()
             pixels = decode_image(data, path)
             if data[:3] != b"\xff\xd8\xff":

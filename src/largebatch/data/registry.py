@@ -9,7 +9,8 @@ accepts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,6 +36,13 @@ class DatasetSpec:
     eval_loader: Callable[..., object]
     #: The callables take the whole ``Config`` (e.g. ``face.*`` sizes a synthetic set).
     full_config: bool = False
+    #: ``files(cfg)`` -> the files the split is read from, whose sizes and first bytes every
+    #: rank compares before the run starts (None: the config and the size say it all).
+    files: Optional[Callable[..., list[Path]]] = None
+
+    def data_files(self, cfg: Any) -> list[Path]:
+        """The files to fingerprint (``files``), or none."""
+        return [] if self.files is None else list(self.files(_section(self, cfg)))
 
 
 def _section(spec: DatasetSpec, cfg: Any) -> Any:
@@ -51,9 +59,9 @@ def _section(spec: DatasetSpec, cfg: Any) -> Any:
 def mnist_spec() -> DatasetSpec:
     """MNIST (``data.name=mnist``): in-memory or torch DataLoader paths."""
     from largebatch.data.loaders import build_eval_loader, build_train_loader
-    from largebatch.data.mnist import mnist_size, prepare_data
+    from largebatch.data.mnist import mnist_files, mnist_size, prepare_data
     return DatasetSpec(size=mnist_size, prepare=prepare_data, train_loader=build_train_loader,
-                       eval_loader=build_eval_loader)
+                       eval_loader=build_eval_loader, files=mnist_files)
 
 
 def dataset(name: str) -> DatasetSpec:

@@ -10,8 +10,14 @@
   each fold the threshold ``t`` out of ``np.arange(0, 4, 0.01)`` with the best accuracy on
   the other nine folds is chosen (ties: the smallest such ``t``, as ``np.argmax`` returns the
   first maximum) and the fold's accuracy at that ``t`` is its score. Reported: the mean of the
-  ten fold accuracies, their ``np.std`` (ddof 0), and the mean chosen threshold.
-* TAR at FAR (``tar_at_far``): on the whole pair set, see its docstring.
+  ten fold accuracies, their ``np.std`` (ddof 0), the mean chosen threshold and each fold's.
+* TAR at FAR (``tar_at_far``): on the whole pair set, see its docstring. It is REPORTED
+  (``verification_metrics``) only where the set can resolve that FAR: at least ``1 / FAR``
+  impostor pairs (``far x N >= 1``, i.e. one false accept allowed). Below that the figure
+  would be the TAR at ZERO false accepts relabelled as "FAR 1e-4" (e.g. 300 impostors cannot
+  tell a FAR of 1e-4 from one of 3e-3): the value is ``None`` (``null`` in metrics.jsonl and
+  summary.json) and ``<key>_note`` says why.
+* insightface's ``val@FAR`` (``calculate_val``) is in ``largebatch.face.val_far``.
 
 Everything here is numpy/torch (no sklearn); distances are float64.
 """
@@ -42,12 +48,14 @@ class TenFold:
         std: their standard deviation (``np.std``, ddof 0).
         threshold: mean of the thresholds chosen on each fold's nine training folds.
         fold_acc: the accuracy of each held-out fold.
+        fold_thresholds: the threshold chosen for each held-out fold (on the other folds).
     """
 
     acc: float
     std: float
     threshold: float
     fold_acc: tuple[float, ...]
+    fold_thresholds: tuple[float, ...] = ()
 
 
 def fold_bounds(n: int, n_folds: int = 10) -> list[tuple[int, int]]:
@@ -60,7 +68,7 @@ def fold_bounds(n: int, n_folds: int = 10) -> list[tuple[int, int]]:
     return [(e - s, e) for s, e in zip(sizes, ends)]
 
 
-def _as_numpy(values: torch.Tensor | np.ndarray | Sequence, dtype: type) -> np.ndarray:
+def as_numpy(values: torch.Tensor | np.ndarray | Sequence, dtype: type) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     return np.asarray(values).astype(dtype).reshape(-1)
@@ -97,7 +105,7 @@ def ten_fold(dist: torch.Tensor | np.ndarray | Sequence[float],
     Raises:
         ValueError: fewer pairs than folds, or lengths that differ.
     """
-    d, same = _as_numpy(dist, np.float64), _as_numpy(issame, np.float64) > 0.5
+    d, same = as_numpy(dist, np.float64), as_numpy(issame, np.float64) > 0.5
     if len(d) != len(same):
         raise ValueError(f"{len(d)} distances but {len(same)} issame labels")
     bounds = fold_bounds(len(d), n_folds)
@@ -109,7 +117,8 @@ def ten_fold(dist: torch.Tensor | np.ndarray | Sequence[float],
         chosen[f] = THRESHOLDS[best]
         acc[f] = float(per_fold[f, best]) / float(e - s)
     return TenFold(acc=float(np.mean(acc)), std=float(np.std(acc)),
-                   threshold=float(np.mean(chosen)), fold_acc=tuple(acc.tolist()))
+                   threshold=float(np.mean(chosen)), fold_acc=tuple(acc.tolist()),
+                   fold_thresholds=tuple(chosen.tolist()))
 
 
 def tar_at_far(dist: torch.Tensor | np.ndarray | Sequence[float],
@@ -138,7 +147,7 @@ def tar_at_far(dist: torch.Tensor | np.ndarray | Sequence[float],
     Raises:
         ValueError: no genuine or no impostor pairs, or lengths that differ.
     """
-    d, same = _as_numpy(dist, np.float64), _as_numpy(issame, np.float64) > 0.5
+    d, same = as_numpy(dist, np.float64), as_numpy(issame, np.float64) > 0.5
     if len(d) != len(same):
         raise ValueError(f"{len(d)} distances but {len(same)} issame labels")
     genuine, impostor = d[same], np.sort(d[~same])
@@ -149,6 +158,19 @@ def tar_at_far(dist: torch.Tensor | np.ndarray | Sequence[float],
     k = math.floor(Fraction(str(far)) * len(impostor))
     t = impostor[k] if k < len(impostor) else math.inf
     return float(np.count_nonzero(genuine < t)) / float(len(genuine))
+
+
+def far_resolution_note(impostors: int, far: float | str, what: str = "impostor pairs"
+                        ) -> str | None:
+    """Why ``impostors`` impostor pairs cannot resolve a FAR of ``far``, or None if they can.
+
+    A FAR of ``far`` is resolved when at least one false accept is allowed: ``far x N >= 1``
+    (``far`` as the decimal it is written as: ``1e-3 x 1000 == 1`` exactly).
+    """
+    if Fraction(str(far)) * impostors >= 1:
+        return None
+    need = math.ceil(1 / Fraction(str(far)))
+    return f"FAR {far} needs >= {need} {what}, the set has {impostors}"
 
 
 def metric_keys(name: str | None = None) -> tuple[str, ...]:
@@ -164,11 +186,22 @@ def metric_keys(name: str | None = None) -> tuple[str, ...]:
 
 
 def verification_metrics(dist: torch.Tensor | np.ndarray, issame: torch.Tensor | np.ndarray,
-                         name: str | None = None) -> dict[str, float]:
-    """10-fold accuracy, its std and TAR at ``FARS`` under ``metric_keys(name)``."""
+                         name: str | None = None) -> dict[str, float | str | None]:
+    """10-fold accuracy, its std and TAR at ``FARS`` under ``metric_keys(name)``.
+
+    A TAR the set cannot resolve (fewer than ``1 / FAR`` impostor pairs) is ``None``, with
+    ``<key>_note`` (a string) saying so; the other keys are always floats.
+    """
     tf = ten_fold(dist, issame)
-    values = [tf.acc, tf.std, *(tar_at_far(dist, issame, far) for far in FARS)]
-    return dict(zip(metric_keys(name), values))
+    impostors = int(np.count_nonzero(as_numpy(issame, np.float64) <= 0.5))
+    acc_key, std_key, *tar_keys = metric_keys(name)
+    out: dict[str, float | str | None] = {acc_key: tf.acc, std_key: tf.std}
+    for key, far in zip(tar_keys, FARS):
+        note = far_resolution_note(impostors, far)
+        out[key] = None if note else tar_at_far(dist, issame, far)
+        if note:
+            out[f"{key}_note"] = note
+    return out
 
 
 def flip_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ its report weight is this rank's window (see ``Task.report_weight``).
 Evaluation: verification as the field reports it (``largebatch.face.verification``) on each
 set. Every rank embeds its share of the pairs (image + flip); the squared distances are placed
 into one global vector (summed over ranks), and the 10-fold accuracy, its std and TAR@FAR are
-computed identically on every rank.
+computed identically on every rank. A TAR@FAR a set cannot resolve (fewer than 1/FAR impostor
+pairs) is None with a ``<key>_note``; such a metric may never be the one the target or the
+plateau logic follow (``FaceTask.metric`` refuses it).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from torch import nn
 from largebatch.config import ConfigError
 from largebatch.face import (CombinedMargin, PartialFC, PartialFCAdamW, PartialFCSGD,
                              expected_positive_share, fc_memory)
-from largebatch.face.verification import (flip_embed, metric_keys, squared_distances,
-                                          verification_metrics)
+from largebatch.face.verification import (FARS, far_resolution_note, flip_embed, metric_keys,
+                                          squared_distances, verification_metrics)
 from largebatch.models import build_face_backbone
 from largebatch.models.iresnet import IRESNET_LAYERS
 from largebatch.plan import BatchPlan
@@ -123,6 +125,40 @@ class FaceTask(Task):
         names = dict.fromkeys([None, *self.cfg.face.val_targets])
         return tuple(m for name in names for m in _set_metrics(name))
 
+    def metric(self, name: str, key: str) -> Metric:
+        """The metric called ``name``; a TAR@FAR only where its set resolves the FAR.
+
+        ``train.target_metric`` and ``schedule.plateau.metric`` compare every evaluation's
+        value: a metric that can be None (a set with fewer than 1/FAR impostor pairs) would
+        break them, so it is refused here, before the run starts.
+
+        Raises:
+            ConfigError: not a metric of this task, or a TAR@FAR its set cannot resolve.
+        """
+        metric = super().metric(name, key)
+        for far in FARS:
+            if name.endswith(f"tar_at_far_{far}"):
+                set_name = name[:-len(f"tar_at_far_{far}")].rstrip("_") or None
+                note = far_resolution_note(self._impostor_pairs(set_name), far)
+                if note:
+                    raise ConfigError(f"{key}={name!r} can be null: {note}; follow an accuracy "
+                                      f"(e.g. {metric_keys(set_name)[0]}) instead")
+        return metric
+
+    def _impostor_pairs(self, set_name: str | None) -> int:
+        """Impostor pairs of a set (None: the primary one), counted without decoding."""
+        if set_name is None:
+            synthetic = self.cfg.data.name == "synthetic_faces"
+            set_name = "synthetic" if synthetic else next(iter(self.cfg.face.val_targets), "")
+        if set_name == "synthetic" and self.cfg.data.name == "synthetic_faces":
+            from largebatch.data.faces import pair_ids
+            return int((pair_ids(self.cfg)[1] == 0).sum())
+        from largebatch.data.bin_pairs import load_bin, missing_val_target, val_paths
+        error = missing_val_target(self.cfg)
+        if error:
+            raise ConfigError(error)
+        return sum(not s for s in load_bin(val_paths(self.cfg)[set_name])[1])
+
     # ---- what ``largebatch plan`` shows ---------------------------------------------------
     def plan_report(self, plan: BatchPlan) -> dict[str, Any]:
         """The Partial FC head's memory per rank and logits per micro-step (``face_head``).
@@ -200,8 +236,10 @@ class FaceTask(Task):
         return float(window)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, engine: Any) -> dict[str, float]:
-        """10-fold accuracy, its std and TAR@FAR 1e-3/1e-4 (``face.verification``).
+    def evaluate(self, model: nn.Module, loader: Any, engine: Any
+                 ) -> dict[str, float | str | None]:
+        """10-fold accuracy, its std and TAR@FAR 1e-3/1e-4 (``face.verification``; a TAR
+        the set cannot resolve is None, with a ``<key>_note`` string).
 
         Args:
             model: the backbone (in eval mode).
@@ -220,7 +258,7 @@ class FaceTask(Task):
         sets = list(loader.items()) if named else [("verification", loader)]
         if not sets:
             raise ValueError("face evaluation needs at least one verification set")
-        out: dict[str, float] = {}
+        out: dict[str, float | str | None] = {}
         for i, (name, pairs) in enumerate(sets):
             dist, same = pair_distances(model, pairs, engine)
             if i == 0:

@@ -30,6 +30,7 @@ from largebatch.policies.base import Policies
 from largebatch.policies.goodput import build_goodput
 from largebatch.policies.plateau import build_plateau
 from largebatch.tasks import Task, build_task
+from largebatch.train.agreement import check_ranks_agree, run_facts
 from largebatch.train.preemption import watch_preemption
 from largebatch.train.trainer import Trainer
 
@@ -80,6 +81,10 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     denv, device = setup_runtime(cfg, denv)
     dataset(cfg.data.name).prepare(cfg.data, denv)  # rank 0 downloads, the others wait
     plan = plan_for(cfg, denv.world_size)  # micro_size=auto: provisional until the search
+    # Every rank must run the same experiment on the same data: one collective, before any
+    # model is built (a mismatch is one line on every rank, naming the keys, exit 2).
+    check_ranks_agree(run_facts(to_dict(cfg), plan.to_json(), plan.dataset_size,
+                                dataset(cfg.data.name).data_files(cfg)), device)
     check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
     # Same seed on every rank for the model init (DDP would broadcast anyway), then a per-rank
     # stream so dropout masks differ across ranks like they would across samples.
@@ -102,7 +107,8 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     policies = _build_policies(cfg, task, schedule, plan, train_loader, engine)
     noise = NoiseScaleMonitor(engine, cfg.train.noise_scale or policies.needs_noise_scale,
                               plan.accum_steps, engine.describe())
-    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=source is not None)
+    logger = MetricsLogger(cfg.log, denv.is_main, to_dict(cfg), append=source is not None,
+                           console=not quiet)
     logger.write_json("plan.json", plan.to_json())
     logger.write_json("config.json", to_dict(cfg))
     trainer = Trainer(cfg, task, engine, schedule, plan, train_loader, eval_loader, logger,

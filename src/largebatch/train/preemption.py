@@ -1,9 +1,10 @@
-"""Pre-emption: SIGTERM and SIGUSR1 ask the run to checkpoint and stop after its step.
+"""Pre-emption: SIGTERM, SIGUSR1 and a first Ctrl-C ask the run to checkpoint and stop.
 
 SIGTERM comes from Slurm's pre-emption and time limit and from torchrun's agent forwarding;
-SIGUSR1 from ``--signal=USR1@T``. The handler only asks (``Trainer.request_stop``): the step
-finishes, the ranks agree in the step's collective (one signalled rank is enough), every rank
-checkpoints the same step, and the process exits 0 to be requeued.
+SIGUSR1 from ``--signal=USR1@T``; SIGINT from a person at the terminal. The handler only asks
+(``Trainer.request_stop``): the step finishes, the ranks agree in the step's collective (one
+signalled rank is enough), every rank checkpoints the same step, and the process exits 0 (to
+be requeued, or resumed by hand). A second Ctrl-C is Python's own: it aborts at once.
 """
 from __future__ import annotations
 
@@ -22,11 +23,16 @@ def watch_preemption(trainer: Any) -> None:
     def request_stop(signum: int, frame: Any) -> None:
         trainer = trainer_ref()
         if trainer is not None and trainer.request_stop():
+            if signum == signal.SIGINT:  # the next Ctrl-C aborts, as without largebatch
+                signal.signal(signum, previous[signum] or signal.default_int_handler)
+                if trainer.engine.is_main:
+                    print("largebatch: Ctrl-C: checkpointing after this step, then stopping "
+                          "(Ctrl-C again to abort without a checkpoint)", flush=True)
             return
         # Training is over (a host process calling train() lives on): the old handler again.
         signal.signal(signum, previous[signum] or signal.SIG_DFL)
         signal.raise_signal(signum)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
             previous[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread (e.g. embedded in another app): no handler

@@ -226,7 +226,7 @@ class Trainer:
             next(batches)
         return batches
 
-    def _run_epoch(self, progress: Any) -> None:
+    def _run_epoch(self) -> None:
         s = self.state
         if s.consumed == 0 and s.step:
             self._ask_policies("at_epoch_start", 0, epoch_start=True)
@@ -257,9 +257,6 @@ class Trainer:
                                  "loss": loss, "grad_norm": grad_norm, "lr": lr,
                                  "time_s": s.train_time_s, "skipped_steps": s.skipped_steps,
                                  **self.noise.metrics})
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             recut = self._eval_due() and not s.diverged and self._evaluate_and_decide()
             # After every applied step the policies learn; inside the epoch they may change the
             # plan (at its end the next epoch's start decides).
@@ -289,17 +286,11 @@ class Trainer:
         finished = self._finished_before_start()
         if finished is not None:
             return finished
-        progress = None
-        if self.engine.is_main and self.cfg.log.progress:
-            from tqdm import tqdm
-            t = self.cfg.train
-            progress = tqdm(total=self.plan.planned_steps(t.epochs, t.max_steps), unit="step",
-                            dynamic_ncols=True, mininterval=1.0, leave=False)
+        t, s = self.cfg.train, self.state
+        self.logger.begin(s.step, self.plan.planned_steps(t.epochs, t.max_steps), s.train_time_s)
         self.model.train()
         while not self.state.stop_reason:
-            self._run_epoch(progress)
-        if progress is not None:
-            progress.close()
+            self._run_epoch()
         over = self.state.stop_reason in ("preempted", "nonfinite") or self.state.diverged
         if self.state.last_eval_mark != self.state.samples and not over:
             self._evaluate_and_decide()

@@ -5,6 +5,9 @@
   (per fold, per threshold, ``np.less`` + counts; folds by ``np.array_split``), exactly equal.
 * ``tar_at_far``: a hand case with a tie at the boundary; random sets against a brute force
   over every possible threshold (max TAR subject to FAR <= target, in exact fractions).
+* Honest TAR@FAR: ``verification_metrics`` reports None (with a note) below 1/FAR impostors;
+  ``FaceTask.metric`` refuses such a metric as the target or plateau metric.
+* ``val_at_far``: tests/unit/face/test_val_far.py.
 * ``flip_embed``: a model where the flip and the sum-before-normalise both matter.
 * ``FaceTask.evaluate`` on 2 real gloo ranks (DDP-wrapped model, a PairLoader set and an
   unevenly sharded second set) equals the single-process evaluate of the same model.
@@ -20,12 +23,14 @@ import torch
 from torch import nn
 
 from largebatch.config import ConfigError, load_config
-from largebatch.face.verification import fold_bounds, flip_embed, tar_at_far, ten_fold
+from largebatch.face.verification import (fold_bounds, flip_embed, tar_at_far, ten_fold,
+                                          verification_metrics)
 from largebatch.tasks.face import FaceTask, pair_distances
 from tests._launch import spawn
 from tests.unit.tasks._face_runs import TINY
 
 # ---- ten_fold: hand-computed -------------------------------------------------------------
+THRESH_051 = float(np.arange(0, 4, 0.01)[51])  # 0.51 as np.arange makes it
 
 
 def test_ten_fold_hand_computed_twenty_pairs():
@@ -42,6 +47,7 @@ def test_ten_fold_hand_computed_twenty_pairs():
     #      = sqrt((0.0225 + 0.2025) / 10) = sqrt(0.0225) = 0.15; mean threshold 0.51.
     r = ten_fold(d, same)
     assert r.fold_acc == (1.0,) * 9 + (0.5,)
+    assert r.fold_thresholds == (THRESH_051,) * 10
     assert r.acc == pytest.approx(0.95, abs=1e-15)
     assert r.std == pytest.approx(0.15, abs=1e-15)
     assert r.threshold == pytest.approx(0.51, abs=1e-15)
@@ -163,6 +169,54 @@ def test_tar_at_far_equals_brute_force(n, seed):
     assert tar_at_far(d, same, 1e-3) > tar_at_far(d, same, 1e-4) > 0
 
 
+# ---- honest TAR@FAR in the reported metrics -------------------------------------------------
+
+def test_tar_is_reported_only_with_one_over_far_impostors():
+    # 1000 impostors: FAR 1e-3 resolved (one false accept allowed), 1e-4 not (0.1 of one).
+    d, same = random_pairs(2000, 4)
+    same[:] = np.arange(2000) % 2 == 0
+    m = verification_metrics(d, same, "lfw")
+    assert m["lfw_tar_at_far_1e-3"] == tar_at_far(d, same, "1e-3")
+    assert m["lfw_tar_at_far_1e-4"] is None
+    assert m["lfw_tar_at_far_1e-4_note"] == ("FAR 1e-4 needs >= 10000 impostor pairs, the set "
+                                             "has 1000")
+    assert "lfw_tar_at_far_1e-3_note" not in m
+    tf = ten_fold(d, same)
+    assert (m["lfw_acc"], m["lfw_std"]) == (tf.acc, tf.std)
+    # 999 impostors: 1e-3 x 999 < 1 -> not reported either; primary-set key names
+    m = verification_metrics(d[:-1], same[:-1])  # the last pair is an impostor
+    assert m["tar_at_far_1e-3"] is None and "the set has 999" in m["tar_at_far_1e-3_note"]
+    assert list(m) == ["verification_acc", "verification_std", "tar_at_far_1e-3",
+                       "tar_at_far_1e-3_note", "tar_at_far_1e-4", "tar_at_far_1e-4_note"]
+
+
+def test_a_metric_that_can_be_null_is_never_the_target_or_plateau_metric(tmp_path):
+    import pickle
+    task = FaceTask(load_config(TINY))  # 600 held-out pairs: 300 impostors
+    with pytest.raises(ConfigError) as exc:
+        task.metric("tar_at_far_1e-3", "train.target_metric")
+    assert str(exc.value) == (
+        "train.target_metric='tar_at_far_1e-3' can be null: FAR 1e-3 needs >= 1000 impostor "
+        "pairs, the set has 300; follow an accuracy (e.g. verification_acc) instead")
+    with pytest.raises(ConfigError, match="train.target_metric='tar_at_far_1e-4'"):
+        FaceTask(load_config(TINY, ["train.target_metric=tar_at_far_1e-4"])).primary_metric()
+    big = FaceTask(load_config(TINY, ["face.eval_pairs=2000"]))  # 1000 impostors
+    assert big.metric("tar_at_far_1e-3", "k").mode == "max"
+    with pytest.raises(ConfigError, match="needs >= 10000 impostor pairs"):
+        big.metric("tar_at_far_1e-4", "schedule.plateau.metric")
+    # a .bin set: counted from the file (3 impostors of 4 pairs), or its missing file named
+    (tmp_path / "lfw.bin").write_bytes(pickle.dumps(([b"x"] * 8, [True, False, False, False])))
+    named = FaceTask(load_config(TINY, ["face.val_targets=[lfw]",
+                                        f"face.val_root={tmp_path}"]))
+    with pytest.raises(ConfigError, match="schedule.plateau.metric='lfw_tar_at_far_1e-3' can "
+                                          "be null: .* the set has 3;"):
+        named.metric("lfw_tar_at_far_1e-3", "schedule.plateau.metric")
+    assert named.metric("lfw_acc", "k").mode == "max"
+    (tmp_path / "lfw.bin").unlink()
+    with pytest.raises(ConfigError, match="face.val_targets: 'lfw' has no file"):
+        named.metric("lfw_tar_at_far_1e-3", "k")
+
+
 # ---- flip_embed ----------------------------------------------------------------------------
 
 def test_flip_embed_sums_both_views_then_normalises():
@@ -189,8 +243,6 @@ def test_face_metrics_resolve_per_set_names():
     task = FaceTask(cfg)
     assert task.primary_metric().name == "verification_acc"
     assert task.metric("verification_std", "k").mode == "min"
-    assert task.metric("tar_at_far_1e-3", "k").mode == "max"
-    assert task.metric("lfw_tar_at_far_1e-4", "k").mode == "max"
     assert task.metric("cfp_fp_acc", "k").better(0.9, 0.8)
     assert len(task.metrics) == 12
     with pytest.raises(ConfigError, match="schedule.plateau.metric='agedb_30_acc'"):
@@ -250,8 +302,10 @@ def _evaluate(rank: int, world: int) -> dict:
 def test_two_rank_evaluate_equals_single_process():
     ranks = spawn(_evaluate, 2, timeout=120)
     single = _evaluate(0, 1)
-    tail = ("acc", "std", "tar_at_far_1e-3", "tar_at_far_1e-4")
-    primary = ["verification_acc", "verification_std", "tar_at_far_1e-3", "tar_at_far_1e-4"]
+    # 203 and 57 pairs cannot resolve a FAR of 1e-3: each TAR comes with its note
+    tail = ("acc", "std", "tar_at_far_1e-3", "tar_at_far_1e-3_note", "tar_at_far_1e-4",
+            "tar_at_far_1e-4_note")
+    primary = ["verification_acc", "verification_std", *tail[2:]]
     keys = primary + [f"{p}_{k}" for p in ("synthetic", "blocks") for k in tail]
     assert list(single["sets"]) == keys
     assert list(single["one"]) == primary
@@ -265,7 +319,13 @@ def test_two_rank_evaluate_equals_single_process():
     for got in ranks:
         for part in ("one", "sets"):
             assert set(got[part]) == set(single[part])
-            assert max(abs(got[part][k] - single[part][k]) for k in single[part]) <= 1e-6
+            for k, v in single[part].items():  # 203 pairs: TAR@FAR is None with its note
+                if isinstance(v, float):
+                    assert abs(got[part][k] - v) <= 1e-6, k
+                else:
+                    assert got[part][k] == v, k
+    assert single["sets"]["blocks_tar_at_far_1e-3"] is None
+    assert "the set has 28" in single["sets"]["blocks_tar_at_far_1e-3_note"]
     # an untrained net already separates the synthetic identities somewhat, not perfectly
     assert 0.55 < single["one"]["verification_acc"] < 1.0
     assert single["sets"]["blocks_acc"] != single["sets"]["synthetic_acc"]
