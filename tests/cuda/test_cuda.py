@@ -201,3 +201,93 @@ def test_sync_bn_converts_batchnorm_under_ddp(tmp_path):
         assert not inner.features.weight.requires_grad
     finally:
         dist.destroy_process_group()
+
+
+_DS_FP16_HEAD = '''
+import json, math, sys
+import torch
+from largebatch.config import load_config
+from largebatch.train.build import build_run
+
+TINY, OUT, USER = sys.argv[1], sys.argv[2], sys.argv[3]
+BASE = ["engine.name=deepspeed", "train.device=cuda", "train.max_steps=4", "train.epochs=1",
+        "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "optim.weight_decay=0",
+        "optim.scale_rule=none", "schedule.name=constant", "schedule.warmup_steps=0",
+        "face.eval_identities=10", "face.eval_pairs=40", "log.progress=false",
+        "checkpoint.resume=never"]
+
+
+def run(stage, precision):
+    extra = [f"engine.zero_stage={stage}", f"train.precision={precision}",
+             f"log.out_dir={OUT}/z{stage}{precision}"]
+    if precision == "fp16":  # start at 2^10, halve on every overflow (no hysteresis)
+        extra.append(f"engine.deepspeed_config={USER}")
+    r = build_run(load_config(TINY, BASE + extra), quiet=True)
+    engine, fp16 = r.engine, precision == "fp16"
+    head = engine.sharded.modules[0]
+    seen = {"backward": 0}
+
+    def backbone_inf(grad):  # the 3rd window's backbone gradient overflows: DeepSpeed skips
+        seen["backward"] += 1
+        return torch.full_like(grad, math.inf) if fp16 and seen["backward"] == 3 else grad
+
+    next(engine.unwrapped().parameters()).register_hook(backbone_inf)
+    real, calls = engine.step, []
+
+    def step(compute_norm=False):
+        k = len(calls) + 1
+        if fp16 and k == 5:  # the 5th window's head gradient overflows: largebatch skips
+            head.window_grad()[1].view(-1)[0] = math.inf
+        scale = float(engine.optimizer.loss_scale) if fp16 else 1.0
+        h0 = head.weight.detach().clone()
+        w0 = {n: v.detach().clone() for n, v in engine.unwrapped().state_dict().items()}
+        norm, applied = real(compute_norm)
+        w1 = engine.unwrapped().state_dict()
+        calls.append({"applied": applied, "head": head.weight.detach().clone(), "h0": h0,
+                      "scale": [scale, float(engine.optimizer.loss_scale) if fp16 else 1.0],
+                      "backbone_moved": any(not torch.equal(w0[n], w1[n]) for n in w0)})
+        return norm, applied
+
+    engine.step = step
+    r.logger.close(r.trainer.fit())
+    return calls
+
+
+out = {}
+for stage in (0, 1):
+    c32, c16 = run(stage, "fp32"), run(stage, "fp16")
+    # windows 1 and 2 are the same in both runs: the head's change over them
+    d32, d16 = (c[1]["head"] - c[0]["h0"] for c in (c32, c16))
+    out[stage] = {"applied": [c["applied"] for c in c16], "scales": [c["scale"] for c in c16],
+                  "head_moved": [not torch.equal(c["h0"], c["head"]) for c in c16],
+                  "backbone_moved": [c["backbone_moved"] for c in c16],
+                  "head_rel": float((d16 - d32).norm() / d32.norm())}
+print(json.dumps(out))
+'''
+
+
+def test_deepspeed_fp16_head_unscaled_and_skipped_with_the_backbone(tmp_path):
+    """DeepSpeed fp16 (ZeRO 0 and 1) with the Partial FC head, one GPU: the head's gradients
+    are unscaled by DeepSpeed's loss scale (over two steps on the same windows the head moves
+    as in the fp32 run: a head left scaled would move 2^10 times as far); the head stays put
+    when DeepSpeed skips its own overflow (an inf in a backbone gradient); an inf in the
+    head's gradient skips the backbone too and lowers DeepSpeed's scale once."""
+    user = tmp_path / "ds_fp16.json"
+    user.write_text(json.dumps({"fp16": {"initial_scale_power": 10, "hysteresis": 1}}))
+    script = tmp_path / "ds_fp16_head.py"
+    script.write_text(_DS_FP16_HEAD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=1", str(script), str(CONFIGS / "face" /
+                           "synthetic_tiny.yaml"), str(tmp_path), str(user)],
+                          capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage, got in out.items():
+        assert got["applied"] == [True, True, False, True, False, True], stage
+        assert got["scales"] == [[1024.0, 1024.0]] * 2 + [[1024.0, 512.0], [512.0, 512.0],
+                                                          [512.0, 256.0], [256.0, 256.0]], stage
+        assert got["head_moved"] == got["applied"] and not any(
+            moved for moved, applied in zip(got["backbone_moved"], got["applied"])
+            if not applied), stage
+        # fp16 rounding of two SGD steps' gradients (~1e-3, as on CPU); a scaled head: ~10^3
+        assert got["head_rel"] <= 2e-2, stage

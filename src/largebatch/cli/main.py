@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "plot": "largebatch.cli.plot",
     "noise-scale": "largebatch.cli.noise_scale",
     "convert": "largebatch.cli.convert",
+    "synth-faces": "largebatch.cli.synth_faces",
     "eval": "largebatch.cli.eval",
     "embed": "largebatch.cli.embed",
     "make-bin": "largebatch.cli.make_bin",

@@ -68,7 +68,8 @@ class FaceConfig:
     """Face recognition (task.name=face): the Partial FC head and the synthetic identities."""
 
     num_classes: int = doc("Identities C the head classifies (sharded by class over ranks).", 300)
-    embedding_size: int = doc("Embedding dimension d of the backbone and the class centres.", 32)
+    embedding_size: int = doc("Embedding dimension d of the backbone and the class centres "
+                              "(insightface's 512).", 512)
     sample_rate: float = doc("Partial FC: share r of each shard's classes used per window "
                              "(0 < r <= 1; every class present in the window is kept).", 1.0)
     margin: str = doc("'arcface' (m2), 'cosface' (m3) or 'combined' (m1, m2, m3).", "arcface")

@@ -6,7 +6,9 @@ from largebatch.registry import DATASETS
 
 # ``data.name`` values: each a factory of its ``DatasetSpec`` (imported when first used).
 DATASETS.register("mnist", "largebatch.data.registry:mnist_spec")
-DATASETS.register("synthetic_faces", "largebatch.data.faces:synthetic_faces_spec")
+# synthetic: the data generates its own images (face.image_size) and held-out pairs.
+DATASETS.register("synthetic_faces", "largebatch.data.faces:synthetic_faces_spec",
+                  synthetic=True)
 DATASETS.register("recordio", "largebatch.data.recordio:recordio_spec")
 DATASETS.register("imagefolder", "largebatch.data.imagefolder:imagefolder_spec")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -235,6 +236,16 @@ def raise_agreed(error: str | None, denv: Any) -> None:
         exc = ConfigError(error)
         exc.all_ranks = True  # every rank raises it: the CLI lets all print before exiting
         raise exc
+
+
+def warn_unused_classes(num_classes: int, identities: int, where: str) -> None:
+    """A head with more classes than the data has identities trains rows that never see a
+    sample (they only decay): legal, but usually a wrong ``face.num_classes``; one line."""
+    if identities and num_classes > identities:
+        print(f"largebatch: warning: face.num_classes={num_classes} but {where} holds "
+              f"{identities} identities: {num_classes - identities} class rows of the head will "
+              f"never see a sample (set face.num_classes={identities})", file=sys.stderr,
+              flush=True)
 
 
 def training_size(cfg: Any, files_present: bool, count: Any, what: str) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from largebatch.config import ConfigError
 from largebatch.data.face_images import (ShardedImageLoader, decode_image, raise_agreed,
-                                         training_size)
+                                         training_size, warn_unused_classes)
 
 
 def _image_extensions() -> frozenset[str]:
@@ -101,6 +101,9 @@ class ImageFolderLoader(ShardedImageLoader):
                  device: torch.device) -> None:
         source = ImageFolderSource(cfg.data.root, cfg.face.num_classes)
         n = training_size(cfg, True, lambda: len(source), f"data.root={cfg.data.root!r}")
+        if rank == 0:
+            warn_unused_classes(cfg.face.num_classes, len(source.classes),
+                                f"data.root={cfg.data.root!r}")
         super().__init__(source, batch_size, rank, world, seed, device,
                          num_workers=cfg.data.num_workers, drop_last=cfg.data.drop_last, n=n)
 

@@ -33,7 +33,7 @@ import torch
 
 from largebatch.config import ConfigError
 from largebatch.data.face_images import (ShardedImageLoader, decode_image, raise_agreed,
-                                         training_size)
+                                         training_size, warn_unused_classes)
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -323,6 +323,8 @@ class RecordIOLoader(ShardedImageLoader):
                  device: torch.device) -> None:
         source = RecordFaceSource(cfg.data.root, cfg.face.num_classes)
         n = training_size(cfg, True, lambda: len(source), source.reader.rec_path)
+        if rank == 0:
+            warn_unused_classes(cfg.face.num_classes, source.identities, source.reader.rec_path)
         super().__init__(source, batch_size, rank, world, seed, device,
                          num_workers=cfg.data.num_workers, drop_last=cfg.data.drop_last, n=n)
 

@@ -5,7 +5,9 @@ them, ZeRO does not partition them; they do their own communication.
 ``ShardedModule`` is the interface such a module offers the engine (its defaults fit a plain
 module whose gradient lives in its parameters' ``.grad``); ``ShardedParts`` is what an engine
 keeps of them: the modules, their optimizers (stepped right after the replicated model's, at
-the same boundary), their share of the global gradient norm, their per-rank state.
+the same boundary), their share of the global gradient norm, the fp16 loss scale taken off
+their gradients (``unscale_``: the loss, theirs included, is scaled once), their per-rank
+state.
 """
 from __future__ import annotations
 
@@ -32,6 +34,32 @@ class ShardedModule(ABC):
         for p in self.parameters():  # type: ignore[attr-defined]
             if p.grad is not None:
                 p.grad.mul_(factor)
+
+    def unscale_grad_(self, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Undo the fp16 loss scale on this shard's gradient; flag inf/NaN
+        (``unscale_tensors_``)."""
+        self.unscale_tensors_([p.grad for p in self.parameters()  # type: ignore[attr-defined]
+                               if p.grad is not None], inv_scale, found_inf)
+
+    @staticmethod
+    def unscale_tensors_(grads: Sequence[torch.Tensor], inv_scale: torch.Tensor,
+                         found_inf: torch.Tensor) -> None:
+        """Multiply ``grads`` by ``inv_scale`` in place; set ``found_inf`` to 1 on any inf/NaN.
+
+        torch's own kernel, the one ``GradScaler.unscale_`` runs on a model's gradients: a
+        shard's gradients are unscaled bit for bit as the model's are. It takes one dtype per
+        call, hence the grouping.
+
+        Args:
+            grads: gradients on ``found_inf``'s device.
+            inv_scale: ``1 / loss scale``, a one-element fp32 tensor on that device.
+            found_inf: a one-element fp32 tensor, set to 1.0 (never reset) on inf/NaN.
+        """
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
 
     def end_window(self) -> None:
         """Close an accumulation window that will not be stepped (a dropped update)."""
@@ -74,12 +102,22 @@ class ShardedParts:
         """The optimizers the engine steps (the LR schedule drives them too)."""
         return [o for o in self.optimizers if o is not None]
 
+    def local_sq_norm(self) -> float:
+        """This rank's share of the squared gradient norm: its modules' (no collective)."""
+        return sum(float(m.grad_sq_norm()) for m in self.modules)
+
     def sq_norm(self, reduce_sum: Callable[[list[float]], list[float]]) -> float:
         """Sum over ranks of the modules' squared gradient norms (a collective; 0.0 and no
         collective without modules)."""
         if not self.modules:
             return 0.0
-        return reduce_sum([sum(float(m.grad_sq_norm()) for m in self.modules)])[0]
+        return reduce_sum([self.local_sq_norm()])[0]
+
+    def unscale_(self, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Undo the fp16 loss scale on every module's gradient; ``found_inf`` becomes 1.0 if
+        this rank's shards hold an inf/NaN (no collective: the engine agrees on it)."""
+        for m in self.modules:
+            m.unscale_grad_(inv_scale, found_inf)
 
     def mul_grad_(self, factor: float) -> None:
         """Clip every module's gradient by ``factor``."""

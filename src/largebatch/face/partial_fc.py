@@ -45,6 +45,24 @@ from largebatch.face.shards import STATE_FORMAT, init_rows, reshard, shard_range
 from largebatch.face.softmax_ce import margin_softmax_ce, normalize_rows
 
 
+def _unit_rows(embeddings: torch.Tensor, centres: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm embeddings and class centres, in the embeddings' dtype (the cosines' matmul).
+
+    fp16 embeddings (autocast) are normalised in fp32 and only the unit rows are cast: fp16's
+    range is too narrow for the norms (squares of centre entries ~0.01 fall to subnormals) and
+    for their backward, which divides the loss-scaled gradient by each row's norm (a centre's
+    is ~0.01 sqrt(d)). Explicit, so it does not hang on autocast's op lists, which differ
+    between devices (CPU's keeps norms in fp16). bf16 has fp32's range and stays as it was.
+    """
+    dtype = embeddings.dtype
+    if dtype == torch.float16:
+        return (normalize_rows(embeddings.float(), out_dtype=dtype),
+                normalize_rows(centres.float(), out_dtype=dtype))
+    centres = centres if centres.dtype == dtype else centres.to(dtype)
+    return normalize_rows(embeddings), normalize_rows(centres)
+
+
 @dataclass
 class _Window:
     """One accumulation window's class sample."""
@@ -227,8 +245,7 @@ class PartialFC(ShardedModule, nn.Module):
             normalizer = win.normalizer if win.normalizer is not None else labels.numel()
         if normalizer <= 0:
             raise ValueError(f"PartialFC: normalizer={normalizer} must be > 0")
-        centres = win.leaf if win.leaf.dtype == embeddings.dtype else win.leaf.to(embeddings.dtype)
-        cos = F.linear(normalize_rows(embeddings), normalize_rows(centres))
+        cos = F.linear(*_unit_rows(embeddings, win.leaf))
         return margin_softmax_ce(cos, targets, self.margin, normalizer, self.group)
 
     # ------------------------------------------------------------------- gradients
@@ -263,6 +280,13 @@ class PartialFC(ShardedModule, nn.Module):
         _, grad = self.window_grad()
         if grad is not None:
             grad.mul_(factor)
+
+    def unscale_grad_(self, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Undo the fp16 loss scale on the window's gradient (the sampled rows' leaf or
+        ``weight.grad``); ``found_inf`` becomes 1.0 on inf/NaN."""
+        _, grad = self.window_grad()
+        if grad is not None:
+            self.unscale_tensors_([grad], inv_scale, found_inf)
 
     def zero_window_grad(self) -> None:
         """Drop the gradient of the open window's sampled rows."""

@@ -9,7 +9,10 @@ loss of row ``i`` is ``log(sum_k exp(z_ik)) - z_i,y_i`` over *all* ranks' column
 
 so no probability is ever formed for the loss and nothing is clamped: a confidently wrong row
 reports its true loss (insightface's ``clamp_min(1e-30).log()`` stops at 69.08). Everything
-after the cosines runs in fp32 (fp64 if the cosines are fp64), whatever the input dtype.
+after the cosines runs in fp32 (fp64 if the cosines are fp64), whatever the input dtype; under
+fp16/bf16 autocast too, which casts down only matmul-like ops (none here: its max, exp, sum
+and log run on the fp32 buffer as they are). Only the gradient handed back to the cosines
+takes their dtype (under fp16 it carries the loss scale, and the grad scaler checks it).
 
 One fused autograd function applies the margin, the scale and the cross-entropy: it keeps a
 single ``(B, S)`` buffer (the logits, then their exponentials, turned into the gradient in place
@@ -87,28 +90,43 @@ class _RowNormalize(torch.autograd.Function):
 
     ``F.normalize``'s autograd graph (norm, clamp, expand, div) spends about a dozen passes over
     the class centres in backward; the closed form ``(g - y (y . g)) / |x|`` needs two. The
-    output is what ``F.linear`` saves anyway, so saving it here costs no memory.
+    output is what ``F.linear`` saves anyway, so saving it here costs no memory. With
+    ``out_dtype`` (fp16 rows normalised in fp32) the caller keeps only the cast copy: ``x``
+    (alive anyway: the fp32 centres) is saved instead and ``y`` recomputed in backward, which
+    runs in ``x``'s dtype.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
+                ) -> torch.Tensor:
         raw = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         norm = raw.clamp_min(eps)
         y = x / norm
-        ctx.save_for_backward(y, norm, raw < eps)
-        return y
+        ctx.recompute = out_dtype is not None and out_dtype != x.dtype
+        ctx.save_for_backward(x if ctx.recompute else y, norm, raw < eps)
+        return y.to(out_dtype) if ctx.recompute else y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        y, norm, clamped = ctx.saved_tensors
+        saved, norm, clamped = ctx.saved_tensors
+        y = saved / norm if ctx.recompute else saved
+        grad = grad.to(y.dtype)
         # rows whose norm was clamped are a plain division by eps: no projection term
         dot = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1).masked_fill_(clamped, 0.0)
-        return torch.addcmul(grad, y, dot, value=-1.0).div_(norm), None
+        return torch.addcmul(grad, y, dot, value=-1.0).div_(norm), None, None
 
 
-def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``F.normalize(x, dim=1)`` with the same values and a cheaper exact backward."""
-    return _RowNormalize.apply(x, eps)
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.normalize(x, dim=1)`` with the same values and a cheaper exact backward.
+
+    Args:
+        x: ``(n, d)`` rows.
+        eps: the smallest norm divided by.
+        out_dtype: cast the unit rows to this dtype (computed, and differentiated, in
+            ``x``'s); default ``x``'s.
+    """
+    return _RowNormalize.apply(x, eps, out_dtype)
 
 
 def margin_softmax_ce(cos: torch.Tensor, labels: torch.Tensor, margin: CombinedMargin,

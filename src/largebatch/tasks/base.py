@@ -33,6 +33,12 @@ class Metric:
         return a > b if self.mode == "max" else a < b
 
 
+#: The global training loss of the last step: every run has it (the trainer's), and it is the
+#: primary metric of a task that has nothing to evaluate (face training without verification
+#: sets).
+TRAIN_LOSS = Metric("train_loss", "min")
+
+
 @dataclass
 class TaskParts:
     """The modules a task trains.
@@ -115,13 +121,17 @@ class Task(ABC):
         """Metrics over the WHOLE evaluation set (reduced over ranks), the same on every rank."""
 
     def primary_metric(self) -> Metric:
-        """The metric the target and the plateau logic follow (``train.target_metric`` or the
-        task's first metric)."""
-        name = self.cfg.train.target_metric or self.metrics[0].name
+        """The metric the target and the plateau logic follow (``train.target_metric``, else
+        the task's first metric, else, for a task with nothing to evaluate, ``train_loss``)."""
+        name = self.cfg.train.target_metric or \
+            (self.metrics[0].name if self.metrics else TRAIN_LOSS.name)
         return self.metric(name, key="train.target_metric")
 
     def metric(self, name: str, key: str) -> Metric:
-        """The metric called ``name``; a ConfigError naming ``key`` if the task has none."""
+        """The metric called ``name`` (``train_loss``: the trainer's, always there); a
+        ConfigError naming ``key`` if the task has none."""
+        if name == TRAIN_LOSS.name:
+            return TRAIN_LOSS
         for m in self.metrics:
             if m.name == name:
                 return m

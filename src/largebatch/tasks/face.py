@@ -28,6 +28,7 @@ from largebatch.face.verification import (FARS, far_resolution_note, flip_embed,
 from largebatch.models import build_face_backbone
 from largebatch.models.iresnet import IRESNET_LAYERS
 from largebatch.plan import BatchPlan
+from largebatch.registry import DATASETS
 from largebatch.plan_text import format_bytes
 from largebatch.tasks.base import Metric, Task, TaskParts
 
@@ -122,8 +123,16 @@ class FaceTask(Task):
         """``verification_acc|std``, ``tar_at_far_1e-3|1e-4`` (the first set;
         ``verification_acc`` is the primary metric), then ``NAME_acc|std|tar_at_far_*`` for
         every ``face.val_targets`` set NAME (see ``evaluate``)."""
+        if not self._has_pairs():  # nothing to evaluate: the primary metric is train_loss
+            return ()
         names = dict.fromkeys([None, *self.cfg.face.val_targets])
         return tuple(m for name in names for m in _set_metrics(name))
+
+    def _has_pairs(self) -> bool:
+        """Whether there is any verification set: the data's own held-out pairs (synthetic
+        identities) or a ``face.val_targets`` entry."""
+        own = DATASETS.trait(self.cfg.data.name, "synthetic", False)
+        return bool(own or self.cfg.face.val_targets)
 
     def metric(self, name: str, key: str) -> Metric:
         """The metric called ``name``; a TAR@FAR only where its set resolves the FAR.
@@ -147,10 +156,10 @@ class FaceTask(Task):
 
     def _impostor_pairs(self, set_name: str | None) -> int:
         """Impostor pairs of a set (None: the primary one), counted without decoding."""
+        synthetic = DATASETS.trait(self.cfg.data.name, "synthetic", False)
         if set_name is None:
-            synthetic = self.cfg.data.name == "synthetic_faces"
             set_name = "synthetic" if synthetic else next(iter(self.cfg.face.val_targets), "")
-        if set_name == "synthetic" and self.cfg.data.name == "synthetic_faces":
+        if set_name == "synthetic" and synthetic:
             from largebatch.data.faces import pair_ids
             return int((pair_ids(self.cfg)[1] == 0).sum())
         from largebatch.data.bin_pairs import load_bin, missing_val_target, val_paths
@@ -200,12 +209,15 @@ class FaceTask(Task):
                          f"share of classes present in one global batch of {plan.global_size} "
                          f"({share:.3f}): most windows keep only positives, no negatives are "
                          f"sampled")
+        if not self._has_pairs():
+            lines.append("  evaluation: no verification set (face.val_targets is empty): the "
+                         "target and plateau follow the training loss (train_loss)")
         return lines
 
     def build(self) -> TaskParts:
         """Backbone (``model.name``) and this rank's Partial FC shard (after seeding)."""
         f, m = self.cfg.face, self.cfg.model
-        if m.name in IRESNET_LAYERS and self.cfg.data.name == "synthetic_faces" \
+        if m.name in IRESNET_LAYERS and DATASETS.trait(self.cfg.data.name, "synthetic", False) \
                 and f.image_size != 112:
             raise ConfigError(f"face.image_size={f.image_size} but model.name={m.name} needs "
                               f"112 x 112 inputs (set face.image_size=112 or use tiny_face)")
@@ -256,8 +268,8 @@ class FaceTask(Task):
         """
         named = isinstance(loader, Mapping)
         sets = list(loader.items()) if named else [("verification", loader)]
-        if not sets:
-            raise ValueError("face evaluation needs at least one verification set")
+        if not sets:  # trained without verification sets: the loop follows train_loss
+            return {}
         out: dict[str, float | str | None] = {}
         for i, (name, pairs) in enumerate(sets):
             dist, same = pair_distances(model, pairs, engine)

@@ -101,12 +101,13 @@ class Trainer:
         epoch = self._epoch_progress()
         self.logger.log({"kind": "eval", "step": s.step, "epoch": epoch, "samples": s.samples,
                          **s.metrics, "time_s": s.train_time_s})
-        target, value = self.cfg.train.target_acc, s.metrics[self.target.name]
+        metrics = {**s.metrics, "train_loss": s.last_loss}  # (the task's, and the loop's own)
+        target, value = self.cfg.train.target_acc, metrics[self.target.name]
         if target > 0 and not self.target.better(target, value):
             s.target_reached(epoch)
         # (deciding on the metrics belongs to the evaluation's time, not to training's)
         return self._ask_policies("after_eval", self.plan.position(s.consumed), timed=False,
-                                  metrics=s.metrics)
+                                  metrics=metrics)
 
     # ---- plan changes -----------------------------------------------------------------------
     def _view(self, **facts: Any) -> PolicyView:

@@ -6,13 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from largebatch.errors import ConfigError
 from largebatch.train.agreement import (LOCAL_KEYS, check_ranks_agree, disagreement,
                                         file_fingerprint, run_facts)
 from tests._launch import spawn
-from tests.conftest import CONFIGS, REPO, cli_env, _run
+from tests.conftest import CONFIGS, cli_env, _run
 
 CONFIG = {"optim": {"lr": 0.1, "name": "sgd"}, "data": {"root": "/a", "num_workers": 2},
           "train": {"seed": 1, "device": "auto"}}

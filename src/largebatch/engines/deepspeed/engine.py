@@ -19,6 +19,7 @@ fp32 partitions, optimizer state, ZeRO-3 shares, counters and loss-scaler number
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import types
@@ -197,7 +198,8 @@ class DeepSpeedEngine(Engine):
         None when DeepSpeed was told not to measure (``zero_optimization.compute_grad_norm``
         false in a user JSON) and no fallback applies, or when nothing asked for a norm. Not
         applied: DeepSpeed skipped the update itself (fp16 loss-scale overflow, or an inf/NaN
-        norm it found).
+        norm it found), or (fp16) some rank's head shard overflowed; the sharded modules step
+        exactly when the backbone does.
         """
         want = compute_norm or self.grad_clip > 0
         before = None
@@ -206,16 +208,20 @@ class DeepSpeedEngine(Engine):
         if want and self._client_steps_module():
             before = total_grad_norm([p for p in self.model.module.parameters()
                                       if p.requires_grad])
-        # The sharded modules' (e.g. the Partial FC head's) share of the global norm, before
-        # their own optimizers step (a collective: every rank, every step that wants it).
-        head_sq = self.sharded.sq_norm(lambda v: self.reduce_scalars(v, op="sum")) \
-            if want else 0.0
+        head_sq, head_inf = self._head_verdict(want)
+        if head_inf:
+            self._skip_for_head()
+            return (math.inf if want else None), False
         # The trainer's last micro-batch set the boundary already; restating it keeps a step
         # after an empty window (never produced by the trainer) from silently being skipped.
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()
         applied = bool(self.model.was_step_applied())
-        self.sharded.step()  # largebatch steps the head, DeepSpeed never sees it
+        # largebatch steps the head, DeepSpeed never sees it: it follows DeepSpeed's verdict
+        if applied:
+            self.sharded.step()
+        else:
+            self.sharded.drop_window()
         if not want:
             return None, applied
         norm = self.model.get_global_grad_norm()
@@ -223,6 +229,44 @@ class DeepSpeedEngine(Engine):
         if norm is None or not self.sharded:
             return norm, applied
         return math.sqrt(norm ** 2 + head_sq), applied
+
+    def _head_verdict(self, want: bool) -> tuple[float, bool]:
+        """The sharded modules' share of the global norm and, under fp16, their inf/NaN flag.
+
+        The share is the sum over ranks of their squared gradient norms (0.0 unless ``want``),
+        taken before their own optimizers step (a collective: every rank, every step that
+        wants it). fp16: DeepSpeed scaled the whole loss, the head's part included, but
+        unscales only what it steps; the head's gradients are unscaled here by DeepSpeed's
+        current scale, and their inf/NaN flag (per rank: the shards differ) rides in the same
+        sum, so that every rank learns of any rank's overflow.
+
+        Returns:
+            The summed squared norm, and whether some rank's shard holds an inf/NaN.
+        """
+        reduce_sum = functools.partial(self.reduce_scalars, op="sum")
+        if self.precision != "fp16" or not self.sharded:
+            return (self.sharded.sq_norm(reduce_sum) if want else 0.0), False
+        found = torch.zeros((), dtype=torch.float32, device=self.device)
+        scale = float(self.optimizer.loss_scale)  # every DeepSpeed fp16 optimizer has it
+        self.sharded.unscale_(torch.full((), 1.0 / scale, device=self.device), found)
+        found_sum, head_sq = reduce_sum(
+            [float(found), self.sharded.local_sq_norm() if want else 0.0])
+        return head_sq, found_sum > 0
+
+    def _skip_for_head(self) -> None:
+        """Skip the step as DeepSpeed skips its own overflow: no update of the backbone or the
+        head on any rank, the loss scale lowered once.
+
+        DeepSpeed's overflow check sees only the backbone, so its step would apply; the window
+        is dropped instead (``zero_grad``: DeepSpeed's step run and undone, its loss scaler
+        restored), then the scale is lowered as DeepSpeed's overflow does. ZeRO 0's fp16
+        optimizer keeps no restorable scaler: where the undone step lowered the scale itself
+        (the backbone overflowed too), it is not lowered twice.
+        """
+        scale = float(self.optimizer.loss_scale)
+        self.zero_grad()
+        if float(self.optimizer.loss_scale) == scale:
+            self.optimizer._update_scale(True)  # ZeRO 0-3 fp16 optimizers' overflow step
 
     def setup_sharded(self, module: nn.Module,
                       optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
