@@ -15,6 +15,9 @@ returned. Why each piece is there:
   rank's own stdout/stderr: the Python traceback, a C++ ``terminate`` line, faulthandler stacks.
 * Teardown: a rank destroys the group and then checks that the group's gloo threads are gone
   before its interpreter shuts down (see ``_teardown``); exit codes are checked.
+* Deaths on purpose: a test whose ranks are meant to die (a SIGKILL in the middle of a write)
+  passes ``may_die=True`` and gets each rank's ``RankExit`` (how it ended, its result, its
+  output) instead of a failure, with the same deadlines, so that it can assert who died how.
 
 Ranks run with ``OMP_NUM_THREADS=1`` (the machine's cores are shared) and the torchrun
 variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, for code that reads them.
@@ -35,7 +38,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, overload
 
 import pytest
 import torch
@@ -47,8 +50,34 @@ STARTUP_S = 120.0  # a fresh interpreter importing torch on loaded, shared cores
 TAIL_LINES = 60
 
 
+class RankExit(NamedTuple):
+    """How one rank of a ``spawn(..., may_die=True)`` launch ended."""
+
+    reason: Optional[str]
+    """None: exit 0 (``fn`` returned, the teardown checked); else what a failure message says
+    of the rank: 'killed by SIGKILL', 'exit code 1', 'still running 60 s after the start
+    (killed)', ..."""
+    result: Any
+    """``fn``'s return value where the rank saved one (exit 0), else None."""
+    output: str
+    """The last ``TAIL_LINES`` lines of the rank's stdout/stderr (tracebacks, stacks)."""
+
+
+@overload
+def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = ...,
+          env: Optional[dict[str, str]] = ..., leaks: Optional[str] = ...,
+          may_die: Literal[False] = ...) -> list[Any]: ...
+
+
+@overload
+def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = ...,
+          env: Optional[dict[str, str]] = ..., leaks: Optional[str] = ...,
+          may_die: Literal[True]) -> list[RankExit]: ...
+
+
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120.0,
-          env: Optional[dict[str, str]] = None, leaks: Optional[str] = None) -> list[Any]:
+          env: Optional[dict[str, str]] = None, leaks: Optional[str] = None,
+          may_die: bool = False) -> list[Any]:
     """Run ``fn(rank, nprocs, *args)`` on ``nprocs`` gloo ranks; fail the test if any rank fails.
 
     Args:
@@ -61,9 +90,15 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120.
             it (DeepSpeed's ZeRO 3). Then the leak check is skipped and each rank ends with
             ``os._exit(0)`` once its result is saved, skipping the interpreter teardown that
             the live threads would race (as largebatch's CLI does). None: the check applies.
+        may_die: the ranks are meant to fail (the test kills them): no rank's failure fails the
+            test, and each rank's ``RankExit`` is returned for the test to check. Deadlines and
+            kills are the same as without it (a peer left blocked on a dead rank gets
+            ``GRACE_S``, then is killed), so a launch that should have died but hangs still
+            ends, and says so in its ``reason``.
 
     Returns:
-        ``fn``'s return value on each rank, indexed by rank (saved with ``torch.save``).
+        ``fn``'s return value on each rank, indexed by rank (saved with ``torch.save``); with
+        ``may_die``, each rank's ``RankExit``, indexed by rank.
     """
     ctx = multiprocessing.get_context("spawn")
     store = dist.TCPStore(HOST, 0, nprocs, True, timeout=timedelta(seconds=timeout),
@@ -88,10 +123,19 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 120.
                     proc.kill()
                     proc.join()
             del store  # stops the store's server thread in this (the pytest) process
+        if may_die:
+            return [RankExit(outcome[r], _result(results[r]) if outcome[r] is None else None,
+                             "\n".join(_tail(logs[r]))) for r in range(nprocs)]
         failed = {r: why for r, why in outcome.items() if why is not None}
         if failed:
             pytest.fail(_report(fn, nprocs, failed, logs), pytrace=False)
         return [torch.load(path, weights_only=False) for path in results]
+
+
+def _result(path: Path) -> Any:
+    """A rank's saved result; None where a rank exited 0 without saving one (``os._exit(0)``
+    inside ``fn``), which only a ``may_die`` launch tolerates."""
+    return torch.load(path, weights_only=False) if path.exists() else None
 
 
 def _child(fn: Callable[..., Any], rank: int, world: int, port: int, timeout: float,
@@ -265,7 +309,12 @@ def _report(fn: Callable[..., Any], nprocs: int, failed: dict[int, str], logs: l
     lines = [f"{nprocs}-rank launch of {fn.__module__}.{fn.__qualname__} failed:"]
     lines += [f"  rank {rank}: {why}" for rank, why in sorted(failed.items())]
     for rank in sorted(failed):
-        text = logs[rank].read_text(errors="replace") if logs[rank].exists() else ""
-        tail = text.splitlines()[-TAIL_LINES:]
+        tail = _tail(logs[rank])
         lines += [f"--- rank {rank} output (last {len(tail)} lines) ---", *tail]
     return "\n".join(lines)
+
+
+def _tail(log: Path) -> list[str]:
+    """The last ``TAIL_LINES`` lines a rank wrote (none where it never started writing)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text.splitlines()[-TAIL_LINES:]

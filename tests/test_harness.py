@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests._launch import GRACE_S, STARTUP_S, spawn
+from tests._launch import GRACE_S, STARTUP_S, RankExit, spawn
 from tests.conftest import REPO, _run, cli_env
 
 TINY = "def test_needs_mnist(mnist_root):\n    assert (mnist_root / 'MNIST' / 'raw').is_dir()\n"
@@ -111,6 +112,26 @@ def _hangs_on_rank_0(rank: int, world: int) -> None:
     dist.barrier()
 
 
+def _rank_1_is_killed(rank: int, world: int) -> dict:
+    # rank 0 makes no collective after the death: its clean exit is deterministic
+    if rank == 1:
+        print("rank 1: SIGKILL now", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"rank": rank, "world": world}
+
+
+def _rank_1_is_killed_during_a_barrier(rank: int, world: int) -> None:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # rank 0 waits for a peer that is gone
+
+
+def _rank_0_raises_and_rank_1_is_killed(rank: int, world: int) -> None:
+    if rank == 0:
+        raise ValueError("rank 0 gives up")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_results_per_rank_and_the_group_is_freed_although_ddp_came_after_it() -> None:
     got = spawn(_ddp_after_the_group, 2, timeout=90)  # the thread check passed on both ranks
     assert got == [{"sum": 3.0, "omp": "1", "rank": "0"}, {"sum": 3.0, "omp": "1", "rank": "1"}]
@@ -140,3 +161,43 @@ def test_a_hang_fails_at_the_timeout_with_the_stacks() -> None:
     message = str(failure.value)
     assert "rank 0: exit code 1" in message and "Timeout (0:00:10)!" in message, message
     assert "in _hangs_on_rank_0" in message
+
+
+# ---- the launcher: ranks that are meant to die (may_die) -------------------------------------
+def test_may_die_returns_how_each_rank_ended_instead_of_failing() -> None:
+    rank0, rank1 = spawn(_rank_1_is_killed, 2, timeout=60, may_die=True)
+    assert rank1.reason == "killed by SIGKILL" and rank1.result is None
+    assert rank1.output.splitlines() == ["rank 1: SIGKILL now"]  # its own output, all of it
+    # the survivor exited 0 through the checked teardown, with its result
+    assert rank0 == RankExit(None, {"rank": 0, "world": 2}, "")
+
+
+def test_may_die_reports_exceptions_as_exits_with_their_traceback() -> None:
+    rank0, rank1 = spawn(_rank_0_raises_and_rank_1_is_killed, 2, timeout=60, may_die=True)
+    assert (rank0.reason, rank0.result) == ("exit code 1", None)
+    assert rank0.output.splitlines()[-1] == "ValueError: rank 0 gives up", rank0.output
+    assert "in _rank_0_raises_and_rank_1_is_killed" in rank0.output
+    assert (rank1.reason, rank1.result) == ("killed by SIGKILL", None)
+
+
+def test_may_die_a_peer_blocked_on_the_dead_rank_fails_on_its_own_within_the_grace() -> None:
+    start = time.monotonic()
+    rank0, rank1 = spawn(_rank_1_is_killed_during_a_barrier, 2, timeout=60, may_die=True)
+    # rank 0's barrier sees the dead peer's socket close and raises: its own exit 1 with
+    # gloo's error, not its 60 s deadline (faulthandler's "Timeout") nor the parent's kill
+    assert rank0.reason == "exit code 1" and "in _rank_1_is_killed_during_a_barrier" in \
+        rank0.output, rank0
+    last = rank0.output.splitlines()[-1]
+    assert last.startswith("RuntimeError: ") and "by peer" in last, rank0.output
+    assert "Timeout (" not in rank0.output
+    assert rank1.reason == "killed by SIGKILL"
+    assert time.monotonic() - start < STARTUP_S + GRACE_S
+
+
+def test_may_die_still_ends_a_hang_at_the_timeout() -> None:
+    start = time.monotonic()
+    rank0, rank1 = spawn(_hangs_on_rank_0, 2, timeout=10, may_die=True)
+    assert time.monotonic() - start < STARTUP_S + 10 + GRACE_S
+    assert rank0.reason == "exit code 1" and "Timeout (0:00:10)!" in rank0.output, rank0
+    assert "in _hangs_on_rank_0" in rank0.output
+    assert rank1.reason is not None and rank1.result is None  # its barrier never completed

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.face._spawn import spawn
+from tests._launch import spawn
 from tests.unit.face._workers import run_all
 
 
 @pytest.fixture(scope="session")
-def pfc2(tmp_path_factory) -> list[dict]:
+def pfc2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Per-rank results of ``tests.unit.face._workers.run_all`` on 2 gloo ranks."""
     out = tmp_path_factory.mktemp("pfc2")
     spawn(run_all, 2, str(out), timeout=180)

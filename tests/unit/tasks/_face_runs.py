@@ -1,19 +1,18 @@
 """Shared pieces of the face-task tests: configs, a 2-rank session, a plain reference loop.
 
-The session trains real runs through ``largebatch.train.build.build_run`` on gloo ranks and saves,
-per run, the backbone, every rank's head shard (with its class range) and the logged
-training records. The reference is a plain single-process loop written without largebatch's
-head, engine or trainer: the full class matrix, F.normalize/F.linear, the margin as torch ops
-(tests/unit/face/_reference.py), F.cross_entropy, torch.optim.SGD, clip_grad_norm_.
+The session (launched by ``tests._launch.spawn``) trains real runs through
+``largebatch.train.build.build_run`` on gloo ranks and saves, per run, the backbone, every
+rank's head shard (with its class range) and the logged training records. The reference is a
+plain single-process loop written without largebatch's head, engine or trainer: the full class
+matrix, F.normalize/F.linear, the margin as torch ops (tests/unit/face/_reference.py),
+F.cross_entropy, torch.optim.SGD, clip_grad_norm_.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from largebatch.config import load_config
@@ -52,13 +51,10 @@ def save_run(run, summary: dict, out: Path, rank: int) -> None:
                out / f"rank{rank}.pt")
 
 
-def session(rank: int, world: int, port: int, out: str, runs: dict) -> None:
+def session(rank: int, world: int, out: str, runs: dict[str, list[str]]) -> None:
     """Train every run of ``runs`` (name -> overrides; ``{out}`` = the session folder), in
-    order, on this rank of a gloo group."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    order, on this rank: a ``tests._launch.spawn`` function (the gloo group, the torchrun
+    variables and one thread are the launcher's)."""
     from largebatch.train.build import build_run
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     for name, extra in runs.items():
@@ -68,7 +64,6 @@ def session(rank: int, world: int, port: int, out: str, runs: dict) -> None:
         summary = run.trainer.fit()
         save_run(run, summary, where, rank)
         run.logger.close(summary)
-    dist.destroy_process_group()
 
 
 def load_run(path: Path, world: int) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from largebatch.config import load_config
 from largebatch.data.faces import PairLoader, SyntheticFaceLoader
-from tests.conftest import free_port, run_cli
+from tests._launch import spawn
+from tests.conftest import run_cli
 from tests.unit.tasks._face_runs import TINY, load_run, max_diff, overrides, reference, session
 
 TOL = 1e-5
@@ -34,12 +34,12 @@ RUNS = {"r1": overrides(),
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every run of ``RUNS`` from one 2-rank session, loaded (``load_run``)."""
     out = tmp_path_factory.mktemp("face_session")
     for name in RUNS:
         (out / name).mkdir()
-    mp.start_processes(session, args=(2, free_port(), str(out), RUNS), nprocs=2,
-                       start_method="spawn")
+    spawn(session, 2, str(out), RUNS, timeout=300)
     return {name: load_run(out / name, 2) for name in RUNS}
 
 

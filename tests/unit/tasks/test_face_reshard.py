@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from largebatch.config import load_config
 from largebatch.dist import DistEnv
-from tests.conftest import free_port
+from tests._launch import spawn
 from tests.unit.tasks._face_runs import TINY, overrides
 
 C = 101
@@ -38,12 +35,11 @@ def resumed(src: str) -> list[str]:
                      f"checkpoint.resume={{out}}/{src}/checkpoints/step-000002")
 
 
-def reshard_session(rank: int, world: int, port: int, out: str, runs: dict) -> None:
-    """Build and train each run of ``runs`` on this rank; dump the state right after load."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def reshard_session(rank: int, world: int, out: str, runs: dict[str, list[str]]) -> None:
+    """Build and train each run of ``runs`` on this rank; dump the state right after load.
+
+    A ``tests._launch.spawn`` function: the gloo group and the torchrun variables are set.
+    """
     from largebatch.train.build import build_run
     denv = DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank)
     for name, extra in runs.items():
@@ -58,7 +54,6 @@ def reshard_session(rank: int, world: int, port: int, out: str, runs: dict) -> N
                    where / f"loaded-rank{rank}.pt")
         summary = run.trainer.fit()
         run.logger.close(summary)
-    dist.destroy_process_group()
 
 
 def assemble(shards: list[dict]) -> dict[str, torch.Tensor]:
@@ -86,9 +81,9 @@ def new_loaded(path: Path, world: int) -> tuple[list[dict], dict]:
     return dumps, assemble([d["per_rank"]["sharded"][0] for d in dumps])
 
 
-def launch(world: int, out: Path, runs: dict) -> None:
-    mp.start_processes(reshard_session, args=(world, free_port(), str(out), runs),
-                       nprocs=world, start_method="spawn")
+def launch(world: int, out: Path, runs: dict[str, list[str]]) -> None:
+    """Run ``reshard_session`` on ``world`` gloo ranks (1 included: a group of one)."""
+    spawn(reshard_session, world, str(out), runs, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from largebatch.config import DataConfig, load_config
@@ -33,7 +31,8 @@ from largebatch.data import load_mnist_tensors, shard_indices
 from largebatch.data.mnist import normalize_uint8
 from largebatch.dist import DistEnv
 from largebatch.models.mnist import MLP
-from tests.conftest import CONFIGS, free_port, run_cli, run_torchrun
+from tests._launch import spawn
+from tests.conftest import CONFIGS, run_cli, run_torchrun
 
 TOL = 1e-5  # see the module docstring
 SEED_YAML = CONFIGS / "mnist" / "seed.yaml"
@@ -194,11 +193,9 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
                 "broadcast", "reduce", "barrier", "all_gather_object", "broadcast_object_list")
 
 
-def _count_collectives(rank: int, world: int, port: int, root: str, out: str) -> None:
-    """Python-level collectives the trainer makes during fit() for 3 and for 6 steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _count_collectives(rank: int, world: int, root: str, out: str) -> dict[int, int]:
+    """Python-level collectives the trainer makes during fit() for 3 and for 6 steps (a
+    ``tests._launch.spawn`` function: the gloo group is the launcher's)."""
     from largebatch.train.build import build_run
     calls = {"n": 0}
     for name in _COLLECTIVES:  # DDP's gradient all-reduce runs in C++ and is not counted
@@ -217,14 +214,12 @@ def _count_collectives(rank: int, world: int, port: int, root: str, out: str) ->
         calls["n"] = 0
         run.trainer.fit()
         counts[steps] = calls["n"]
-    torch.save(counts, f"{out}/collectives{rank}.pt")
-    dist.destroy_process_group()
+    return counts
 
 
 def test_one_small_collective_per_step(tmp_path, mnist_root):
     """Loss, sample count and stop flags share one collective: 3 more steps, 3 more calls."""
-    mp.start_processes(_count_collectives, args=(2, free_port(), str(mnist_root), str(tmp_path)),
-                       nprocs=2, start_method="spawn")
-    for rank in range(2):
-        counts = torch.load(tmp_path / f"collectives{rank}.pt", weights_only=True)
+    per_rank = spawn(_count_collectives, 2, str(mnist_root), str(tmp_path), timeout=180)
+    assert len(per_rank) == 2
+    for counts in per_rank:
         assert counts[6] - counts[3] == 3, counts
