@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from largebatch.config import Config, ConfigError
+from largebatch.plan_text import batch_above_data
 
 
 def resolve_batch(global_size: Optional[int], micro_size: Optional[int],
@@ -362,9 +363,11 @@ def make_plan(cfg: Config, world_size: int, dataset_size: int,
     g, m, a = resolve_batch(cfg.batch.global_size, micro, cfg.batch.accum_steps, world_size)
     if dataset_size < 1:
         raise ConfigError(f"dataset has {dataset_size} samples; need at least 1")
-    if cfg.data.drop_last and dataset_size < g:
-        raise ConfigError(f"data.drop_last with {dataset_size} samples < batch.global_size={g} "
-                          f"leaves no step per epoch")
+    if dataset_size < g:  # no step would hold g samples, yet the LR is scaled for g
+        unit = world_size * (1 if cfg.batch.micro_size == "auto" else m)
+        micro_fit = dataset_size // world_size
+        raise ConfigError(batch_above_data(g, dataset_size, cfg.data, dataset_size // unit * unit,
+                                           micro_fit, micro_fit * world_size))
     if cfg.batch.max_global_size is not None and cfg.batch.max_global_size < g:
         raise ConfigError(f"batch.max_global_size={cfg.batch.max_global_size} is smaller than "
                           f"batch.global_size={g}")

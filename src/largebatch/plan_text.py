@@ -61,3 +61,24 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def batch_above_data(global_size: int, samples: int, data: Any, fit: int, micro_fit: int,
+                     micro_batch: int) -> str:
+    """The error line of a global batch above the training set, with the nearest fixes:
+    ``fit`` (the largest global batch <= ``samples`` at this micro size and world; 0: none),
+    else ``micro_fit`` (the micro size whose one-step batch ``micro_batch`` fits; 0: none)."""
+    subset = f" (data.subset={data.subset})" if data.subset == samples else ""
+    if fit:
+        fixes = [f"batch.global_size={fit}"]
+    elif micro_fit:
+        fixes = [f"batch.global_size={micro_batch} with batch.micro_size={micro_fit}"]
+    else:
+        fixes = [f"at most {samples} ranks"]
+    if subset:
+        fixes.append(f"data.subset >= {global_size}")
+    return (f"batch.global_size={global_size} is larger than the training set: {samples} "
+            f"samples{subset}; no step would ever hold {global_size} samples, yet the LR is "
+            f"scaled for {global_size}"
+            f"{' (and data.drop_last leaves no step at all)' if data.drop_last else ''}; "
+            f"nearest fix: {' or '.join(fixes)}")

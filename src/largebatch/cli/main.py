@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: An error line names the key, the file and the numbers: never more than this many
+#: characters of it are printed (a message that quotes hostile input could be huge).
+MAX_ERROR_CHARS = 500
+
+
+def _capped(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS`` characters, saying how much was left out."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+
+
 def _all_ranks_printed() -> None:
     """Wait until every rank has printed an error that all ranks raised (a failed download).
 
@@ -143,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ConfigError as exc:
         # The whole line in one write: ranks share the launcher's stderr pipe, and print()
         # writes the text and the newline separately, so two ranks' lines could interleave.
-        sys.stderr.write(f"largebatch: error: {exc}\n")
+        sys.stderr.write(f"largebatch: error: {_capped(str(exc))}\n")
         sys.stderr.flush()
         code = 2
         if getattr(exc, "all_ranks", False):

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import os
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,6 +22,30 @@ from largebatch.errors import ConfigError  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks that name the offending key.
+
+
+class _Short(reprlib.Repr):
+    """How much of a wrong value an error line shows: enough to recognise it, never a huge
+    repr (a list of 10^5 items, a long string); dicts keep their order, as ``repr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 120, 120, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 8
+
+    def repr_dict(self, x: dict, level: int) -> str:
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+                 for k, v in itertools.islice(x.items(), self.maxdict)]
+        return "{" + ", ".join(items + ["..."] * (len(x) > self.maxdict)) + "}"
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened where it is long (the error line stays short)."""
+    return _Short().repr(value)
 
 
 def _type_name(tp: Any) -> str:
@@ -43,30 +70,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            raise ConfigError(f"{key}: expected a section (mapping), got {_show(value)}")
         return from_dict(tp, value, prefix=key + ".")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -139,9 +166,82 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+#: A config file is a few KiB; anything above this is refused before it is read.
+MAX_YAML_BYTES = 1 << 20
+#: Nodes a document may hold with its aliases expanded (``&a``/``*a`` reuse a node; a
+#: 700-byte "billion laughs" expands to 10^9), and nesting depth (the composer recurses).
+MAX_YAML_NODES = 20_000
+MAX_YAML_DEPTH = 64
+#: Characters of scalar text with the aliases expanded (what a repr of the document holds).
+MAX_YAML_CHARS = 4 << 20
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A document past ``MAX_YAML_NODES``/``MAX_YAML_DEPTH``/``MAX_YAML_CHARS`` (a YAMLError,
+    so ``safe_load`` keeps ``yaml.safe_load``'s contract); ``read_yaml`` names the file."""
+
+
+def _expanded_size(root: yaml.Node) -> None:
+    """Count the document's nodes and scalar characters as if every alias were copied, in
+    time linear in the distinct nodes (each node's total is computed once); refuse a
+    recursive alias and a total past the limits, before anything is constructed."""
+    totals: dict[int, tuple[int, int]] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            totals[key] = (1, len(node.value))
+            continue
+        kids = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair])
+        if done:
+            open_nodes.discard(key)
+            nodes = 1 + sum(totals[id(k)][0] for k in kids)
+            chars = sum(totals[id(k)][1] for k in kids)
+            totals[key] = (nodes, chars)
+            if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+                raise YAMLLimitError(
+                    f"its aliases expand the node at line {node.start_mark.line + 1} alone to "
+                    f"{nodes} nodes and {chars} characters, over the limit of {MAX_YAML_NODES} "
+                    f"nodes and {MAX_YAML_CHARS} characters (refused before expanding)")
+        elif key in open_nodes:
+            raise YAMLLimitError(f"an alias at line {node.start_mark.line + 1} refers to a "
+                                 f"node that contains it (a recursive alias)")
+        elif key not in totals:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in totals)
+
+
 class _SafeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-6`` as a float (YAML 1.2; PyYAML's 1.1 rules
-    need a dot, ``1.0e-6``, and would hand the optimizer the string '1e-6')."""
+    need a dot, ``1.0e-6``, and would hand the optimizer the string '1e-6'), and refuses a
+    document past the node, depth and alias-expansion limits before constructing it."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth, self._nodes = 0, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        self._nodes += 1
+        if self._depth > MAX_YAML_DEPTH or self._nodes > MAX_YAML_NODES:
+            mark = self.peek_event().start_mark
+            what = (f"nested deeper than {MAX_YAML_DEPTH} levels" if self._depth > MAX_YAML_DEPTH
+                    else f"more than {MAX_YAML_NODES} nodes")
+            raise YAMLLimitError(f"{what} (line {mark.line + 1}): refused")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node)
+        return node
 
 
 _SafeLoader.add_implicit_resolver(
@@ -151,17 +251,41 @@ _SafeLoader.add_implicit_resolver(
 
 
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 exponent floats (no tags, no Python objects)."""
+    """``yaml.safe_load`` with YAML 1.2 exponent floats (no tags, no Python objects).
+
+    Raises:
+        yaml.YAMLError: malformed YAML, or (``YAMLLimitError``) a document with more than
+            ``MAX_YAML_NODES`` nodes or ``MAX_YAML_CHARS`` scalar characters once its aliases
+            are expanded, or nested deeper than ``MAX_YAML_DEPTH``: refused before any of it
+            is built.
+    """
     return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
+    """Read a YAML mapping with ``yaml.safe_load``; errors name the file.
+
+    A file over ``MAX_YAML_BYTES`` is refused from its size, unread; see ``safe_load`` for
+    the limits on what it may expand to.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = safe_load(p.read_text()) or {}
+        with open(p, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)  # bounded even if the file grows meanwhile
+            size = max(len(raw), os.fstat(f.fileno()).st_size)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror})") from None
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{p}: {size} bytes, over the {MAX_YAML_BYTES}-byte limit on a "
+                          f"config file (refused unread)")
+    try:
+        data = safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    except YAMLLimitError as exc:
+        raise ConfigError(f"{p}: refused: {exc}") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{p}: invalid YAML ({first})") from None
@@ -180,6 +304,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = safe_load(raw) if raw.strip() != "" else ""
+    except YAMLLimitError as exc:
+        raise ConfigError(f"override '{key}': refused: {exc}") from None
     except yaml.YAMLError:
         value = raw
     node: dict = {}

@@ -24,6 +24,8 @@ refused.
 """
 from __future__ import annotations
 
+import contextvars
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,21 @@ from largebatch.data.face_images import IMAGE_SIZE, PairBatches, decode_image, n
 
 class _Refused(Exception):
     """Raised inside the unpickler; ``load_bin`` turns it into the file's ConfigError."""
+
+
+#: Bytes the stand-ins may still copy while one file is unpickled (its size: every byte an
+#: honest set decodes is in the file once; memo references repeat a call for free).
+_BUDGET: contextvars.ContextVar[list[int]] = contextvars.ContextVar("bin_budget")
+
+
+def _charge(n: int) -> None:
+    budget = _BUDGET.get(None)
+    if budget is None:  # a stand-in called outside load_bin
+        return
+    budget[0] -= n
+    if budget[0] < 0:
+        raise _Refused("builds more image bytes than the file holds (a memo reference repeated "
+                       "to copy one image many times)")
 
 
 class _NdarrayMarker:
@@ -80,6 +97,7 @@ def _as_uint8(data: Any, dtype: Any, shape: Any) -> np.ndarray:
     if dtype.kind != "u1":
         raise _Refused(f"holds a numpy array of dtype {dtype.kind!r} (images are uint8)")
     if isinstance(data, str):  # latin-1 text: how numpy pickles raw bytes as text
+        _charge(len(data))
         data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)):
         raise _Refused(f"holds array data of type {type(data).__name__} (expected bytes)")
@@ -88,6 +106,8 @@ def _as_uint8(data: Any, dtype: Any, shape: Any) -> np.ndarray:
             and all(type(d) is int for d in shape)):
         raise _Refused(f"holds an array of shape {shape!r} for {n} bytes (expected a uint8 "
                        f"array of the image's bytes, shape (n,) or (n, 1))")
+    if type(data) is not bytes:  # bytes(bytearray) copies
+        _charge(n)
     return np.frombuffer(bytes(data), dtype=np.uint8)
 
 
@@ -133,6 +153,7 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
         raise _Refused(f"calls _codecs.encode({type(text).__name__}, {encoding!r}) (only "
                        f"latin-1 text, which is how bytes are pickled at protocol 2)")
+    _charge(len(text))
     return text.encode("latin1")
 
 
@@ -175,19 +196,40 @@ def _to_bytes(item: Any, i: int) -> bytes:
                    f"array)")
 
 
+def _buffer_id(item: Any) -> int:
+    """The identity of the bytes behind an image (an array's is its buffer's)."""
+    array = item.array if isinstance(item, _ArrayState) else item
+    base = getattr(array, "base", None)
+    return id(array if base is None else base)
+
+
+def _is_image(item: Any) -> bool:
+    return isinstance(item, (bytes, bytearray, np.ndarray)) or (
+        isinstance(item, _ArrayState) and item.array is not None)
+
+
 def _check(obj: Any) -> tuple[list[bytes], list[bool]]:
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise _Refused("is not a (bins, issame_list) pair")
     bins, issame = obj
     if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple)):
         raise _Refused("is not a (list of images, list of booleans) pair")
+    if len(bins) != 2 * len(issame):
+        raise _Refused(f"holds {len(bins)} images for {len(issame)} pairs (expected "
+                       f"{2 * len(issame)})")
+    first: dict[int, int] = {}  # counted before a byte is copied or an image decoded
+    for i, item in enumerate(bins):
+        if not _is_image(item):
+            _to_bytes(item, i)  # raises: names the type
+        j = first.setdefault(_buffer_id(item), i)
+        if j != i:
+            raise _Refused(f"lists {len(bins)} images, but image {i} is image {j} again (a "
+                           f"memo reference, not stored bytes): a verification set stores "
+                           f"each of its {2 * len(issame)} images once")
     images = [_to_bytes(item, i) for i, item in enumerate(bins)]
     for k, s in enumerate(issame):
         if not (isinstance(s, (bool, int)) and s in (0, 1)):
             raise _Refused(f"has issame_list[{k}] = {s!r} (expected a boolean)")
-    if len(images) != 2 * len(issame):
-        raise _Refused(f"holds {len(images)} images for {len(issame)} pairs (expected "
-                       f"{2 * len(issame)})")
     return images, [bool(s) for s in issame]
 
 
@@ -198,8 +240,10 @@ def load_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
         ConfigError: one line naming the file: unreadable, not a verification set, or a
             global / dtype the format never needs (refused before anything runs).
     """
+    token = None
     try:
         with open(path, "rb") as f:
+            token = _BUDGET.set([os.fstat(f.fileno()).st_size])
             obj = _BinUnpickler(f, encoding="bytes").load()
         return _check(obj)
     except _Refused as exc:
@@ -210,6 +254,9 @@ def load_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
     except Exception as exc:  # a malformed pickle raises anything from EOFError to TypeError
         raise ConfigError(one_line(f"{path}: not an insightface verification .bin "
                                    f"({type(exc).__name__}: {exc})")) from None
+    finally:
+        if token is not None:
+            _BUDGET.reset(token)
 
 
 class BinPairLoader(PairBatches):

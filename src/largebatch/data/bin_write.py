@@ -23,7 +23,7 @@ from pathlib import Path
 
 from largebatch.config import ConfigError
 from largebatch.data.bin_pairs import load_bin
-from largebatch.data.face_images import decode_image
+from largebatch.data.face_images import decode_image, read_image_file
 from largebatch.io import write_bytes_atomic
 
 #: What a ``same`` field may say.
@@ -67,10 +67,7 @@ def encoded_image(path: Path, encode: str, where: str) -> bytes:
         ConfigError: unreadable, not an image, or not 112 x 112 (naming ``where``).
     """
     from PIL import Image
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{where}: {path} cannot be read ({exc.strerror})") from None
+    data = read_image_file(str(path))  # (refused from its size, unread, when too large)
     pixels = decode_image(data, f"{where}: {path}")  # (3, 112, 112) uint8, or a ConfigError
     with Image.open(io.BytesIO(data)) as img:
         kind = img.format

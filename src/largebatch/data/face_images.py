@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
+import warnings
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -24,6 +26,11 @@ from largebatch.data.loaders import Batch, shard_indices
 
 #: Side of the aligned face crops insightface ships (and its backbones take).
 IMAGE_SIZE = 112
+#: The largest encoded image read: a 112 x 112 crop is a few KiB as JPEG, 37 KiB as BMP.
+MAX_IMAGE_BYTES = 4 << 20
+#: PIL's decompression-bomb limit, set explicitly (its default is 89M pixels): PIL refuses
+#: a header above twice this in ``Image.open``; below it, the size is checked before decoding.
+DECODE_PIXEL_LIMIT = 1 << 24
 
 
 class PairBatches:
@@ -59,8 +66,39 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _pil_image() -> Any:
+    """PIL's ``Image`` with the decompression-bomb limit at ``DECODE_PIXEL_LIMIT`` (or lower)."""
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > DECODE_PIXEL_LIMIT:
+        Image.MAX_IMAGE_PIXELS = DECODE_PIXEL_LIMIT
+    return Image
+
+
+def read_image_file(path: str) -> bytes:
+    """An image file's bytes; one over ``MAX_IMAGE_BYTES`` is refused from its size, unread
+    (a sparse "JPEG" of GiB costs no disk and would cost its size in memory).
+
+    Raises:
+        ConfigError: the file cannot be read or is too large, naming it.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ConfigError(f"{path}: {size} bytes, over the {MAX_IMAGE_BYTES}-byte "
+                                  f"limit on an image file (a {IMAGE_SIZE} x {IMAGE_SIZE} crop "
+                                  f"takes KiB)")
+            return f.read(MAX_IMAGE_BYTES + 1)  # decode_image refuses it if it grew meanwhile
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
 def decode_image(data: bytes, where: str) -> torch.Tensor:
     """Decode one image (JPEG or any PIL-readable format) to uint8 RGB ``(3, 112, 112)``.
+
+    Bounded whatever the bytes say: more than ``MAX_IMAGE_BYTES`` is refused unread, and the
+    size the header states is checked before the pixels are decoded (a small file claiming
+    9000 x 9000 pixels is refused from its header).
 
     Args:
         data: the encoded bytes.
@@ -69,16 +107,26 @@ def decode_image(data: bytes, where: str) -> torch.Tensor:
     Raises:
         ConfigError: the bytes are not a readable image, or it is not 112 x 112.
     """
-    from PIL import Image
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ConfigError(f"{where}: {len(data)} bytes, over the {MAX_IMAGE_BYTES}-byte limit "
+                          f"on an encoded image (a {IMAGE_SIZE} x {IMAGE_SIZE} crop takes KiB)")
+    Image = _pil_image()
+    size = (IMAGE_SIZE, IMAGE_SIZE)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # a truncated JPEG raises here instead of decoding grey pixels
-            rgb = np.asarray(img.convert("RGB"))
+        with warnings.catch_warnings():  # between the limit and twice it: checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            size = img.size  # from the header: nothing is decoded yet
+            if size == (IMAGE_SIZE, IMAGE_SIZE):
+                img.load()  # a truncated JPEG raises here instead of decoding grey pixels
+                rgb = np.asarray(img.convert("RGB"))
+                size = (rgb.shape[1], rgb.shape[0])
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... per plugin
         raise ConfigError(one_line(f"{where}: not a readable image "
                                    f"({type(exc).__name__}: {exc})")) from None
-    if rgb.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ConfigError(f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]}, expected "
+    if size != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ConfigError(f"{where}: image is {size[0]}x{size[1]}, expected "
                           f"{IMAGE_SIZE}x{IMAGE_SIZE} (aligned face crops, as insightface "
                           f"ships them)")
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))

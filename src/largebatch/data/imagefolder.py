@@ -16,7 +16,7 @@ import torch
 
 from largebatch.config import ConfigError
 from largebatch.data.face_images import (ShardedImageLoader, decode_image, raise_agreed,
-                                         training_size, warn_unused_classes)
+                                         read_image_file, training_size, warn_unused_classes)
 
 
 def _image_extensions() -> frozenset[str]:
@@ -77,11 +77,7 @@ class ImageFolderSource:
     def read(self, index: int) -> tuple[torch.Tensor, int]:
         """(uint8 image (3, 112, 112), identity) of image ``index``."""
         path = self.paths[index]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
-        return decode_image(data, path), self.labels[index]
+        return decode_image(read_image_file(path), path), self.labels[index]
 
 
 def imagefolder_size(cfg: Any, train: bool = True) -> int:

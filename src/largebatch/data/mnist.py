@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,6 +22,9 @@ from largebatch.dist import DistEnv
 
 MEAN, STD = 0.1307, 0.3081
 SIZES = {"train": 60000, "test": 10000}
+#: Digits 0..9; every MNIST model outputs one log-probability per class.
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28)
 # A stalled mirror (accepts the connection, never answers) must fail, not hang every rank.
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -48,15 +53,80 @@ def _mnist_class(mirror: str) -> type:
     return type("MNIST", (MNIST,), {"mirrors": [mirror.rstrip("/") + "/"]})
 
 
+def _idx_shape(path: Path, dims: int) -> tuple[int, ...]:
+    """The shape an idx file (``magic | dims x uint32 | uint8 data``, big-endian) states,
+    checked against the file's size before anything but the header is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * dims)
+    if len(head) < 4 + 4 * dims:
+        raise ConfigError(f"{path}: {size} bytes, shorter than the {4 + 4 * dims}-byte idx "
+                          f"header")
+    magic, *shape = struct.unpack(f">I{dims}I", head)
+    if magic != 0x0800 | dims:
+        raise ConfigError(f"{path}: magic 0x{magic:08x}, expected 0x{0x0800 | dims:08x} (idx "
+                          f"uint8 with {dims} dimension{'s' * (dims > 1)}, MNIST's format)")
+    expected = 4 + 4 * dims + math.prod(shape)
+    if size != expected:
+        raise ConfigError(f"{path}: the header says {' x '.join(map(str, shape))} bytes of data "
+                          f"({expected} bytes with the header) but the file has {size} bytes")
+    return tuple(shape)
+
+
+def split_files(root: str, train: bool) -> tuple[Path, Path]:
+    """The raw (images, labels) files of a split in torchvision's layout."""
+    raw, prefix = Path(root) / "MNIST" / "raw", "train" if train else "t10k"
+    return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+
+
+def check_split(root: str, train: bool) -> Optional[int]:
+    """The images of a split's raw files, from their headers (checked against the files'
+    sizes, 28 x 28 images, as many labels as images); None when the files are not there.
+
+    Raises:
+        ConfigError: a header that does not match its file, or the two files disagree.
+    """
+    images, labels = split_files(root, train)
+    if not (images.is_file() and labels.is_file()):
+        return None
+    n, *shape = _idx_shape(images, 3)
+    (n_labels,) = _idx_shape(labels, 1)
+    if tuple(shape) != IMAGE_SHAPE:
+        raise ConfigError(f"{images}: images are {shape[0]}x{shape[1]}, MNIST's are "
+                          f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+    if n_labels != n:
+        raise ConfigError(f"{labels}: {n_labels} labels for the {n} images of {images.name}: "
+                          f"a split's two files hold one label per image")
+    return n
+
+
+def _check_labels(ds, cfg: DataConfig, train: bool) -> None:
+    """Every label is one of the models' ``NUM_CLASSES`` outputs (one pass, at load)."""
+    targets = ds.targets
+    if len(targets) != len(ds.data):
+        raise ConfigError(f"{split_files(cfg.root, train)[1]}: {len(targets)} labels for "
+                          f"{len(ds.data)} images")
+    bad = ((targets < 0) | (targets >= NUM_CLASSES)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ConfigError(f"{split_files(cfg.root, train)[1]}: label {int(targets[i])} of "
+                          f"sample {i} is outside MNIST's {NUM_CLASSES} classes "
+                          f"(0..{NUM_CLASSES - 1}, the models' outputs)")
+
+
 def mnist_dataset(cfg: DataConfig, train: bool, transform=None):
-    """The torchvision dataset; a one-line ConfigError when it is missing."""
+    """The torchvision dataset; a one-line ConfigError when it is missing or malformed (the
+    files' headers are checked against their sizes before torchvision reads them)."""
+    check_split(cfg.root, train)
     try:
-        return _mnist_class(cfg.mirror)(root=cfg.root, train=train, download=cfg.download,
-                                        transform=transform)
+        ds = _mnist_class(cfg.mirror)(root=cfg.root, train=train, download=cfg.download,
+                                      transform=transform)
     except (RuntimeError, OSError, ValueError) as exc:  # "Dataset not found" / URL errors
         if cfg.download:
             raise _download_failed(cfg, exc) from exc
         raise _missing(cfg.root) from exc
+    _check_labels(ds, cfg, train)
+    return ds
 
 
 def load_mnist_tensors(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +145,10 @@ def mnist_files(cfg: DataConfig) -> list[Path]:
 
 
 def mnist_size(cfg: DataConfig, train: bool = True) -> int:
-    """Number of samples in the split after ``subset`` — without reading the files."""
-    n = SIZES["train" if train else "test"]
+    """Number of samples in the split after ``subset``: the files' headers when they are
+    there (checked, see ``check_split``), else MNIST's size — never the data itself."""
+    n = check_split(cfg.root, train)
+    n = SIZES["train" if train else "test"] if n is None else n
     limit = cfg.subset if train else cfg.test_subset
     return min(n, limit) if limit else n
 

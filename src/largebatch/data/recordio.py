@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from largebatch.config import ConfigError
-from largebatch.data.face_images import (ShardedImageLoader, decode_image, raise_agreed,
-                                         training_size, warn_unused_classes)
+from largebatch.data.face_images import (MAX_IMAGE_BYTES, ShardedImageLoader, decode_image,
+                                         raise_agreed, training_size, warn_unused_classes)
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -43,6 +43,12 @@ _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 #: on, exactly this: 4 + 4 + 8 + 8 = 24 bytes, no padding.
 IR_FORMAT = struct.Struct("<IfQQ")
 REC_NAME, IDX_NAME = "train.rec", "train.idx"
+#: The largest record read: an image (``face_images.MAX_IMAGE_BYTES``) and its labels.
+MAX_RECORD_BYTES = MAX_IMAGE_BYTES + (1 << 20)
+#: The smallest record: 8 bytes of framing and the 24-byte IRHeader; an index listing more
+#: records than the ``.rec`` could hold at this size is refused.
+MIN_RECORD_BYTES = 8 + IR_FORMAT.size
+_INT64_MAX = 2 ** 63 - 1
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,14 @@ def frame(payload: bytes) -> bytes:
 
 
 def read_record(fh: IO[bytes], offset: int, where: str) -> bytes:
-    """Read the (possibly split) record that starts at ``offset``; ConfigError if corrupt."""
+    """Read the (possibly split) record that starts at ``offset``; ConfigError if corrupt.
+
+    Every part's length is checked against the bytes left in the file before it is read,
+    and the record against ``MAX_RECORD_BYTES``.
+    """
+    size = fh.seek(0, os.SEEK_END)
     fh.seek(offset)
-    parts, first = [], True
+    parts, first, total = [], True, 0
     while True:
         head = fh.read(8)
         if len(head) < 8:
@@ -118,6 +129,15 @@ def read_record(fh: IO[bytes], offset: int, where: str) -> bytes:
             raise ConfigError(f"{where}: continuation flag {cflag} out of sequence "
                               f"({'first' if first else 'later'} part of the record)")
         padded = (length + 3) & ~3
+        left = size - fh.tell()
+        if padded > left:
+            raise ConfigError(f"{where}: truncated: record part of {length} bytes, only "
+                              f"{left} left in the file")
+        total += length
+        if total > MAX_RECORD_BYTES:
+            raise ConfigError(f"{where}: a record of at least {total} bytes, over the "
+                              f"{MAX_RECORD_BYTES}-byte limit (a 112 x 112 face crop and its "
+                              f"labels take a few KiB)")
         body = fh.read(padded)
         if len(body) < padded:
             raise ConfigError(f"{where}: truncated: record part of {length} bytes, only "
@@ -133,8 +153,9 @@ def read_record(fh: IO[bytes], offset: int, where: str) -> bytes:
 # Index and random access
 # ------------------------------------------------------------------------------------------
 
-def _parse_lines(raw: bytes, idx_path: str) -> np.ndarray:
-    """The slow, line-by-line parse: any whitespace between key and offset, exact errors."""
+def _parse_lines(raw: bytes, idx_path: str, rec_path: str, rec_size: int) -> np.ndarray:
+    """The slow, line-by-line parse: any whitespace between key and offset, exact errors
+    (a value past int64, which numpy would clamp, is named as written)."""
     rows = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         parts = line.split()
@@ -143,35 +164,49 @@ def _parse_lines(raw: bytes, idx_path: str) -> np.ndarray:
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ConfigError(f"{idx_path}: line {lineno} is {line[:60]!r}, not "
                               f"'key<TAB>offset' with non-negative integers")
-        rows.append((int(parts[0]), int(parts[1])))
+        key, offset = int(parts[0]), int(parts[1])
+        if key > _INT64_MAX:
+            raise ConfigError(f"{idx_path}: line {lineno}: key {key} is past 2^63 - 1")
+        if offset >= rec_size:
+            raise ConfigError(f"{rec_path}: record {key}: index offset {offset} (from "
+                              f"{idx_path}) is past the end of the file ({rec_size} bytes)")
+        rows.append((key, offset))
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def _parse_table(raw: bytes, idx_path: str) -> np.ndarray:
+def _parse_table(raw: bytes, idx_path: str, rec_path: str, rec_size: int) -> np.ndarray:
     """``(lines, 2)`` int64 of an index: numpy's parser when every line is mxnet's exact
-    ``key\toffset\n`` (MS1MV3's 5.3M lines: 1.8 s on one busy core; the line loop: 32 s)."""
+    ``key\toffset\n`` (MS1MV3's 5.3M lines: 1.8 s on one busy core; the line loop: 32 s)
+    and no value reaches int64's end (numpy clamps there: the line loop names it)."""
     lines = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
     if raw.count(b"\t") == lines and b" " not in raw and b"\r" not in raw:
         try:
             values = np.fromstring(raw.decode("ascii"), dtype=np.int64, sep=" ")
         except (ValueError, UnicodeDecodeError):
             values = None
-        if values is not None and len(values) == 2 * lines and not (values < 0).any():
+        if (values is not None and len(values) == 2 * lines
+                and not ((values < 0) | (values == _INT64_MAX)).any()):
             return values.reshape(-1, 2)
-    return _parse_lines(raw, idx_path)
+    return _parse_lines(raw, idx_path, rec_path, rec_size)
 
 
 @functools.lru_cache(maxsize=8)
 def _parse_index(idx_path: str, rec_path: str, stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
-    table = _parse_table(Path(idx_path).read_bytes(), idx_path)
+    size, most = stamp[1], stamp[1] // MIN_RECORD_BYTES
+    if stamp[3] > 2 * size + 64:  # mxnet's lines take ~20 bytes, its records KiB
+        raise ConfigError(f"{idx_path}: {stamp[3]} bytes, more than twice {rec_path} ({size} "
+                          f"bytes): not its index (refused unread)")
+    table = _parse_table(Path(idx_path).read_bytes(), idx_path, rec_path, size)
     keys, offsets = table[:, 0].copy(), table[:, 1].copy()
     if len(keys) == 0:
         raise ConfigError(f"{idx_path}: the index lists no records")
+    if len(keys) > most:
+        raise ConfigError(f"{idx_path}: lists {len(keys)} records, but {rec_path} ({size} "
+                          f"bytes) holds at most {most} ({MIN_RECORD_BYTES} bytes or more each)")
     uniq, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
         raise ConfigError(f"{idx_path}: record {int(uniq[counts > 1][0])} is listed "
                           f"{int(counts.max())} times")
-    size = stamp[1]
     past = np.flatnonzero(offsets >= size)
     if len(past):
         j = int(past[0])
@@ -254,12 +289,19 @@ def image_keys(reader: IndexedRecordReader) -> tuple[np.ndarray, int]:
     end = labels[0]
     if not math.isfinite(end) or end != int(end) or end < 1:
         raise ConfigError(f"{where}: label[0]={end} is not an image range end >= 1")
+    images = int(end) - 1
+    if images > len(reader.keys) - 1:  # checked before anything of that size exists
+        raise ConfigError(f"{where}: the header names images 1..{images} ({images} records) "
+                          f"but {reader.idx_path} lists only {len(reader.keys)} records")
     keys = np.arange(1, int(end), dtype=np.int64)
     found = np.isin(keys, reader.keys)
     if not found.all():
         raise ConfigError(f"{reader.idx_path}: no record {int(keys[~found][0])}, which the "
                           f"header (record 0: images 1..{int(end) - 1}) names")
-    identities = int(labels[1]) - int(end) if len(labels) > 1 else 0
+    identities = int(labels[1]) - int(end) if len(labels) > 1 and math.isfinite(labels[1]) else 0
+    if identities > images:
+        raise ConfigError(f"{where}: the header names {identities} identities for {images} "
+                          f"images (each identity has at least one)")
     return keys, max(identities, 0)
 
 

@@ -8,7 +8,7 @@ import numbers
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from largebatch.data.face_images import decode_image
+from largebatch.data.face_images import decode_image, read_image_file
 from largebatch.data.recordio import IDX_NAME, REC_NAME, frame, pack
 
 class RecordWriter:
@@ -102,7 +102,7 @@ def imagefolder_to_rec(src_root: str | Path, dst_root: str | Path, quality: int 
         for done, (path, label) in enumerate(zip(paths, labels), 1):
             if progress is not None:
                 progress(done - 1, len(paths))
-            data = Path(path).read_bytes()
+            data = read_image_file(str(path))
             pixels = decode_image(data, path)
             if data[:3] != b"\xff\xd8\xff":
                 buf = io.BytesIO()

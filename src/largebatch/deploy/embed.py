@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from largebatch.config import ConfigError
-from largebatch.data.face_images import decode_image, normalize
+from largebatch.data.face_images import decode_image, normalize, read_image_file
 from largebatch.deploy.evaluate import FaceModel, eval_engine
 from largebatch.face.verification import flip_embed
 
@@ -67,11 +67,8 @@ class _Folder:
 
     def item(self, i: int) -> tuple[bytes, str, tuple[Any, ...]]:
         """(encoded image, where, sidecar row) of image ``i``."""
-        path = self.root / self.rel(i)
-        try:
-            return path.read_bytes(), str(path), (self.rel(i), self.items[i][0])
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+        path = self.root / self.rel(i)  # (refused from its size, unread, when too large)
+        return read_image_file(str(path)), str(path), (self.rel(i), self.items[i][0])
 
 
 class _Rec:
