@@ -25,7 +25,6 @@ manifest is read against its schema (``checkpoint.meta``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -34,11 +33,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from largebatch.checkpoint.branch import Change, check_branch
 from largebatch.checkpoint.meta import (DONE, MANIFEST, TRAINER_FILE, CorruptSet, DoneMarker,
-                                        FileEntry, OtherFormat, SetInfo, rank_file)
-from largebatch.checkpoint.store import (CheckpointSet, _SET_NAME, _load_bytes, _remove,
-                                         _sha256_file, _warn, check_fresh, check_same_run,
-                                         list_sets, verify_set)
+                                        FileEntry, SetInfo, rank_file)
+from largebatch.checkpoint.store import (CheckpointSet, _SET_NAME, _first_line, _remove,
+                                         _sha256_file, _warn, check_fresh, check_payload,
+                                         check_same_run, list_sets, newest_valid, quarantine,
+                                         read_set_file, verify_set)
 from largebatch.config import ConfigError
 from largebatch.dist import rank_seed, seed_everything
 from largebatch.io import (fsync_dir, json_text, rng_state, set_rng_state, torch_bytes,
@@ -72,6 +73,9 @@ class Checkpointer:
         self.config = config or {}
         self.verbose = verbose
         self.loaded: Optional[CheckpointSet] = None  # the set this run resumed from
+        #: A branch (checkpoint.resume=PATH into this directory): the set's config keys
+        #: that differ and are safe (``branch.check_branch``); None when not branching.
+        self.branch_changes: Optional[list[Change]] = None
         self._last_step: Optional[int] = None  # step of the newest set saved or loaded
         self._last_name: Optional[str] = None  # its directory name (rank 0)
         self._parts: dict[str, Any] = {}  # name -> part whose state every rank holds alike
@@ -176,11 +180,12 @@ class Checkpointer:
 
     # ---- choosing a set to resume from ----------------------------------------------------
     def find(self, resume: str) -> Optional[CheckpointSet]:
-        """The set to resume from for ``checkpoint.resume`` (collective; rank 0 decides).
+        """The set to resume from for ``checkpoint.resume`` (collective; rank 0 decides); a
+        branch (PATH) also sets ``branch_changes``.
 
         Raises:
-            ConfigError: another config, a bad PATH, or an earlier run's sets with ``never``
-                (on every rank).
+            ConfigError: another config (auto), a structural difference (PATH), a bad PATH,
+                or an earlier run's sets with ``never`` (on every rank).
         """
         choice, error = [-1.0, -1.0, -1.0, -1.0], None  # status, origin, step, suffix
         if self.rank == 0:
@@ -210,6 +215,10 @@ class Checkpointer:
         # Another world size is allowed (a re-launch on fewer or more GPUs): ``load`` reshards.
         if origin == 0:
             check_same_run(found.info.config, self.config, path)
+            self.branch_changes = None
+        else:
+            self.branch_changes = check_branch(found.info.config, self.config, path,
+                                               found.info.world_size != self.world_size)
         return found
 
     def _choose(self, resume: str) -> tuple[int, Optional[CheckpointSet]]:
@@ -220,7 +229,7 @@ class Checkpointer:
         if resume == "never":
             check_fresh(self.directory)
             return 0, None
-        own = self._newest_valid(self.directory, quarantine=True)
+        own = newest_valid(self.directory, move=True)
         if own is not None or resume == "auto":
             return 0, own  # PATH only seeds a fresh checkpoint.dir; a requeue continues here
         p = Path(resume)
@@ -231,52 +240,17 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint.resume={resume}: {exc}") from None
             return 1, CheckpointSet(p, info.step, 0, info)
         if p.is_dir():
-            found = self._newest_valid(p, quarantine=False)
+            found = newest_valid(p, move=False)
             if found is None:
                 raise ConfigError(f"checkpoint.resume={resume}: no complete checkpoint set there")
             return 2, found
         raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint set or directory "
                           f"(expected 'auto', 'never' or a path)")
 
-    def _newest_valid(self, directory: Path, quarantine: bool) -> Optional[CheckpointSet]:
-        """Newest set whose files all match the manifest; each bad one is named on stderr
-        and (in our own directory) renamed out of the way, never deleted. A set of another
-        format is refused in one line: it is not corrupt, only not ours to read."""
-        for s in reversed(list_sets(directory)):
-            try:
-                s.info = verify_set(s.path)
-                return s
-            except OtherFormat as exc:
-                raise ConfigError(f"checkpoint: {exc}; resume it with the largebatch that "
-                                  f"wrote it, or use another log.out_dir / checkpoint.dir") \
-                    from None
-            except CorruptSet as exc:
-                moved = ""
-                if quarantine:
-                    bad = s.path.with_name(f"{s.name}.corrupt")
-                    n = 0
-                    while bad.exists():
-                        n += 1
-                        bad = s.path.with_name(f"{s.name}.corrupt{n}")
-                    os.rename(s.path, bad)
-                    moved = f", moved to {bad.name}"
-                _warn(f"checkpoint set {s.path} is unusable ({exc}){moved}; trying the "
-                      f"previous set")
-        return None
-
     # ---- loading --------------------------------------------------------------------------
-    def _read(self, found: CheckpointSet, name: str) -> Any:
-        path = found.path / name
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"checkpoint file {path} is unreadable ({exc.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != found.info.files[name].sha256:
-            raise ConfigError(f"checkpoint file {path} does not match its sha256 in the manifest")
-        return _load_bytes(data, path)
-
     def load(self, found: CheckpointSet) -> SetInfo:
-        """Restore every registered part and this rank's RNG streams from set ``found``.
+        """Restore every registered part and this rank's RNG streams from set ``found``
+        (collective: every rank says whether its files loaded).
 
         A set written at another world size is resharded: every rank reads ALL old rank files
         (sha256-checked, weights_only); per-rank parts cut their state again for this layout,
@@ -285,34 +259,32 @@ class Checkpointer:
         (train.seed, rank, step), so a resharded resume is exact for the weights at load time
         but not bit-identical afterwards to an uninterrupted run at either world size.
 
+        A set whose files hold a part of the wrong type, a part missing, a rank file of
+        another rank or step, or state that a part's ``load_state_dict`` rejects is corrupt:
+        in this run's own directory it is moved aside (one line naming the file and the part)
+        and the previous complete set is loaded instead, every part again; a branch's set
+        (``checkpoint.resume=PATH``) is refused in one line.
+
+        Returns:
+            The manifest of the set loaded (``self.loaded``).
+
         Raises:
-            ConfigError: a part missing from the set, or state that cannot load here.
+            ConfigError: a hostile file, state that cannot move to this world size, a
+                branch's set that does not load, or no complete set left to fall back on.
         """
-        shared, info = self._read(found, TRAINER_FILE), found.info
-        missing = sorted((set(self._parts) | set(self._rank_parts)) - set(shared))
-        if missing:
-            raise ConfigError(f"checkpoint {found.path} holds no {missing[0]!r} state (written "
-                              f"by another kind of run)")
-        if info.world_size == self.world_size:
-            own = self._read(found, rank_file(self.rank))
-            for name, part in self._parts.items():
-                part.load_state_dict(shared[name])
-            for name, part in self._rank_parts.items():
-                part.load_state_dict(shared[name], own.get(name))
-            set_rng_state(own["rng"])
-        else:
-            if self.rank == 0 and self.verbose:
-                print(f"resharding checkpoint from world {info.world_size} to "
-                      f"{self.world_size}", flush=True)
-            olds = [self._read(found, rank_file(r)) for r in range(info.world_size)]
-            for name, part in self._parts.items():
-                if name in self._reshardable:
-                    part.load_resharded(shared[name], info.world_size)
-                else:
-                    part.load_state_dict(shared[name])
-            for name, part in self._rank_parts.items():
-                part.load_resharded(shared[name], [o.get(name) for o in olds])
-            seed_everything(rank_seed(self.seed, self.rank) ^ int(found.step))
+        while True:
+            problem, refused = self._try_load(found)
+            verdict = [float(bool(problem)), float(refused is not None)]
+            if self.world_size > 1 and self.agree is not None:
+                verdict = self.agree(verdict)
+            if refused is not None:
+                raise refused
+            if verdict[1]:
+                raise ConfigError(f"checkpoint {found.path}: another rank refused it (its "
+                                  f"error message says why)")
+            if not verdict[0]:
+                break
+            found = self._after_bad(found, problem)
         self.loaded = found
         if found.path.parent.resolve() == self.directory.resolve():
             self._last_step, self._last_name = found.step, found.name
@@ -320,7 +292,64 @@ class Checkpointer:
         # (the final one, if the run stops at once, is written here).
         if self.rank == 0 and self.verbose and not self._loaded_final():
             print(f"resumed from {found.path} at step {found.step}", flush=True)
-        return info
+        return found.info
+
+    def _try_load(self, found: CheckpointSet) -> tuple[str, Optional[ConfigError]]:
+        """Load ``found`` into the parts: ('', None), or why it is corrupt, or a refusal."""
+        try:
+            self._load_parts(found)
+            return "", None
+        except CorruptSet as exc:
+            return str(exc), None
+        except ConfigError as exc:
+            return "", exc
+
+    def _load_parts(self, found: CheckpointSet) -> None:
+        info, names = found.info, [*self._parts, *self._rank_parts]
+        trainer_path = found.path / TRAINER_FILE
+        shared = check_payload(read_set_file(found, TRAINER_FILE), trainer_path, names,
+                               found.step)
+        if info.world_size == self.world_size:
+            own_path = found.path / rank_file(self.rank)
+            own = check_payload(read_set_file(found, own_path.name), own_path, self._rank_parts,
+                                found.step, self.rank)
+            for name, part in self._parts.items():
+                _load_part(trainer_path, name, part.load_state_dict, shared[name])
+            for name, part in self._rank_parts.items():
+                _load_part(own_path, name, part.load_state_dict, shared[name], own.get(name))
+            _load_part(own_path, "rng", set_rng_state, own["rng"])
+            return
+        if self.rank == 0 and self.verbose:
+            print(f"resharding checkpoint from world {info.world_size} to "
+                  f"{self.world_size}", flush=True)
+        olds = [check_payload(read_set_file(found, rank_file(r)), found.path / rank_file(r),
+                              self._rank_parts, found.step, r) for r in range(info.world_size)]
+        for name, part in self._parts.items():
+            if name in self._reshardable:
+                _load_part(trainer_path, name, part.load_resharded, shared[name],
+                           info.world_size, reshard=True)
+            else:
+                _load_part(trainer_path, name, part.load_state_dict, shared[name])
+        for name, part in self._rank_parts.items():
+            _load_part(trainer_path, name, part.load_resharded, shared[name],
+                       [o.get(name) for o in olds], reshard=True)
+        seed_everything(rank_seed(self.seed, self.rank) ^ int(found.step))
+
+    def _after_bad(self, found: CheckpointSet, problem: str) -> CheckpointSet:
+        """A set that did not load on some rank: refuse a branch's; move our own aside and
+        return the previous complete set (collective, like ``find``)."""
+        what = problem or "another rank's file does not load"
+        if found.path.parent.resolve() != self.directory.resolve():
+            raise ConfigError(f"checkpoint.resume: {what}")
+        moved = f", moved to {quarantine(found.path).name}" if self.rank == 0 else ""
+        previous = self.find("auto")
+        if previous is None:
+            raise ConfigError(f"checkpoint set {found.path} is unusable and no earlier "
+                              f"complete set is left (a relaunch starts fresh){moved}: {what}")
+        if problem or self.rank == 0:
+            _warn(f"checkpoint set {found.path} is unusable ({what}){moved}; using the "
+                  f"previous set {previous.name}")
+        return previous
 
     # ---- the finished run -----------------------------------------------------------------
     def done(self) -> Optional[DoneMarker]:
@@ -351,3 +380,18 @@ class Checkpointer:
                 print(f"resumed from {self.loaded.path} at step {self.loaded.step} "
                       f"(finished before; training on to the new limit)", flush=True)
         return None
+
+
+def _load_part(where: Path, name: str, load: Callable[..., None], *state: Any,
+               reshard: bool = False) -> None:
+    """``load(*state)`` for part ``name`` of file ``where``; any failure is a corrupt set
+    naming both, except a resharding part's ``ConfigError`` (a refusal: its state cannot move
+    to another world size)."""
+    try:
+        load(*state)
+    except ConfigError as exc:
+        if reshard:
+            raise
+        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (whatever a part's loader raises on bad state)
+        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None

@@ -15,6 +15,7 @@ this rank's own (sharded modules, ZeRO partitions). A set of another world size 
 from __future__ import annotations
 
 import contextlib
+import copy
 from abc import ABC, abstractmethod
 from typing import Any, Iterator, Optional, Sequence
 
@@ -104,6 +105,31 @@ class Engine(ABC):
         """Every optimizer stepped at the boundary (the model's, then the sharded modules');
         the LR schedule drives all of them."""
         return [self.optimizer, *self.sharded.stepped_optimizers()]
+
+    def optimizer_hparams(self) -> list[list[dict[str, Any]]]:
+        """Each optimizer's param-group hyper-parameters (``optimizers`` order; every entry of
+        a group but its parameters and its LR, which the schedule owns): momentum, weight
+        decay, betas, ... as the run's config built them."""
+        return [[{k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", "lr")}
+                 for group in optimizer.param_groups] for optimizer in self.optimizers]
+
+    def set_optimizer_hparams(self, hparams: list[list[dict[str, Any]]]) -> None:
+        """Write ``optimizer_hparams()``'s values into every optimizer's param groups (a
+        branch from another run's set keeps its state but takes this run's momentum, weight
+        decay, ...); the LR stays the schedule's.
+
+        Raises:
+            ValueError: another number of optimizers or param groups than this engine's.
+        """
+        optimizers = self.optimizers
+        layout = [len(o.param_groups) for o in optimizers]
+        if [len(groups) for groups in hparams] != layout:
+            raise ValueError(f"param groups per optimizer {[len(g) for g in hparams]}, this "
+                             f"engine has {layout}")
+        for optimizer, groups in zip(optimizers, hparams):
+            for group, values in zip(optimizer.param_groups, groups):
+                group.update({k: copy.deepcopy(v) for k, v in values.items()
+                              if k not in ("params", "lr")})
 
     def parameters(self) -> list[nn.Parameter]:
         """The replicated model's trainable parameters (the sharded modules' are their own)."""

@@ -194,6 +194,13 @@ class LRSchedule:
         self.cfg = dataclasses.replace(self.cfg, warmup_start_factor=float(warmup_start_factor))
         self._apply()
 
+    def set_length(self, total_steps: int) -> None:
+        """A new length of the decay (``total_steps`` optimizer steps incl. warmup: cosine and
+        poly reach their floor there), from this step on; the LR of the current step is
+        applied at once (a run that trains longer or shorter than its checkpoint's)."""
+        self.total_steps = int(total_steps)
+        self._apply()
+
     def hold(self, lr: float) -> None:
         """Set every group's LR to ``lr`` now, outside the schedule (the LR range test's ramp);
         the schedule's own LR comes back at the next ``step`` or ``load_state_dict``."""

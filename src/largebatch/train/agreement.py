@@ -10,7 +10,8 @@ naming every key that differs with its value per rank, and exits 2.
 
 Left out of the comparison: where things are read from on each node and how fast
 (``data.root``, ``data.mirror``, ``data.download``, ``data.num_workers``, ``face.val_root``,
-``train.device``): a node-local copy of the data is fine, its content is compared through the
+``train.device``) and each rank's memory budget (``batch.micro_size=auto`` agrees on the
+smallest fit in its own collective): a node-local copy of the data is fine, its content is compared through the
 files' sizes and a checksum of their first bytes (mtimes differ between copies).
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ from largebatch.io import json_text
 
 #: Keys that may differ between ranks: where and how fast each node reads, not what.
 LOCAL_KEYS = ("data.root", "data.mirror", "data.download", "data.num_workers",
-              "face.val_root", "train.device")
+              "face.val_root", "train.device",
+              # a rank's own memory: batch.micro_size=auto agrees on the smallest fit itself
+              "batch.memory_budget_mb", "batch.memory_fraction")
 #: Bytes of each data file that enter its checksum (with its size).
 HEAD_BYTES = 1 << 16
 #: Keys shown in the error line, at most (the rest are counted).

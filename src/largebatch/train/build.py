@@ -7,14 +7,16 @@ part by name, resumes them, and the optional tools (``batch.micro_size=auto``,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from largebatch.checkpoint import Checkpointer, check_fresh, save_checkpoint
+from largebatch.checkpoint import Checkpointer, branch, check_fresh, save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data.loaders import Resizable
 from largebatch.data.registry import build_loaders, dataset, dataset_size
@@ -25,7 +27,7 @@ from largebatch.metrics import MetricsLogger, check_wandb_online
 from largebatch.noise.scale import NoiseScaleMonitor
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedules import LRSchedule, build_schedule
-from largebatch.plan import BatchPlan, make_plan
+from largebatch.plan import BatchPlan, make_plan, scaled_lr
 from largebatch.policies.base import Policies
 from largebatch.policies.goodput import build_goodput
 from largebatch.policies.plateau import build_plateau
@@ -121,12 +123,84 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
         checkpointer.register("noise_scale", noise)
         checkpointer.register("policies", policies, reshardable=True)
         if source is not None:
+            built = engine.optimizer_hparams()  # what this run's config asks for
             checkpointer.load(source)  # rank 0 prints "resumed from SET at step N"
+            source = checkpointer.loaded  # an earlier set if that one was corrupt
+            adopt_config(cfg, checkpointer, trainer, engine, built, denv.is_main and not quiet)
         watch_preemption(trainer)
     if cfg.optim.lr == "auto":  # the range test picks the peak LR; a resumed run keeps its own
         from largebatch.tune.lr_auto import resolve_lr
         plan = resolve_lr(cfg, trainer, denv.is_main, source, quiet)
     return Run(cfg, denv, plan, engine, trainer, logger, policies, checkpointer)
+
+
+def adopt_config(cfg: Config, checkpointer: Checkpointer, trainer: Trainer, engine: Engine,
+                 built: list[list[dict[str, Any]]], announce: bool) -> None:
+    """After a resume: the run's config wherever it may differ from the set's.
+
+    A branch (``checkpoint.resume=PATH``; ``Checkpointer.find`` refused its structural
+    differences) takes the run's optimizer hyper-parameters (``built``: every optimizer the
+    schedule drives, the sharded head's too), its LR (peak and warmup of the run's plan at the
+    global batch in force) and its schedule length and shape; one line says what differs and
+    where the LR jumps. A resume in the run's own directory differs at most in
+    ``RESUMABLE_CHANGES``: a changed length is applied, and said when it moves the LR.
+
+    Raises:
+        ConfigError: the set's optimizers have another layout of param groups.
+    """
+    info, schedule = checkpointer.loaded.info, trainer.schedule
+    safe = checkpointer.branch_changes
+    if safe is None:
+        safe = [c for c in branch.changes(info.config, to_dict(cfg))
+                if c.key in branch.LENGTH_KEYS]
+        if not safe:
+            return
+    keys, before = {c.key for c in safe}, schedule.lr
+    if checkpointer.branch_changes is not None:
+        try:
+            engine.set_optimizer_hparams(built)
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint.resume={checkpointer.loaded.path}: its optimizer "
+                              f"state does not fit this run ({exc})") from None
+        if keys & branch.LR_KEYS and cfg.optim.lr != "auto":
+            initial, now = trainer.initial_plan, trainer.plan
+            trainer.use_lr_plan(initial, dataclasses.replace(
+                now, base_lr=initial.base_lr, scale_rule=initial.scale_rule,
+                base_batch=initial.base_batch, warmup_steps=initial.warmup_steps,
+                lr_auto=initial.lr_auto, peak_lr=scaled_lr(
+                    initial.base_lr, initial.scale_rule, now.global_size, initial.base_batch)),
+                cfg.schedule.warmup_start_factor)
+    old_total = _schedule_length(info.config, trainer.initial_plan)
+    schedule.set_length(_schedule_length(to_dict(cfg), trainer.initial_plan) or
+                        schedule.total_steps)
+    parts = []
+    if cfg.schedule.name in ("cosine", "poly") and old_total not in (None,
+                                                                     schedule.total_steps):
+        parts.append(f"{cfg.schedule.name} over {old_total} -> {schedule.total_steps} steps")
+    if not math.isclose(before, schedule.lr, rel_tol=1e-12):
+        parts.append(f"LR of step {info.step + 1} {before:.6g} -> {schedule.lr:.6g}")
+    if not announce:
+        return
+    if checkpointer.branch_changes is not None:
+        print(branch.describe(checkpointer.loaded.path, safe, "; ".join(parts)), flush=True)
+    elif parts:
+        print(f"resumed with {', '.join(map(str, safe))} (schedule: {'; '.join(parts)})",
+              flush=True)
+
+
+def _schedule_length(config: dict[str, Any], plan: BatchPlan) -> Optional[int]:
+    """The decay length a config gives (``schedule.total_steps``, else the planned steps of
+    its ``train.epochs``/``train.max_steps`` at ``plan``), or None when it does not say."""
+    sched, run = config.get("schedule"), config.get("train")
+    if not isinstance(sched, dict) or not isinstance(run, dict):
+        return None
+    total, epochs, steps = sched.get("total_steps"), run.get("epochs"), run.get("max_steps")
+    if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+        return total
+    if isinstance(epochs, (int, float)) and isinstance(steps, int) and \
+            0 <= epochs < 1e9 and steps >= 0:
+        return plan.planned_steps(float(epochs), steps)
+    return None
 
 
 def _build_engine(cfg: Config, denv: DistEnv, device: torch.device, plan: BatchPlan,
