@@ -1,15 +1,20 @@
-"""Shared fixtures: the real MNIST (skipped cleanly without it, unless required) and process
-helpers. Multi-process tests inside pytest use ``tests._launch.spawn``."""
+"""Shared fixtures: the real MNIST (skipped cleanly without it, unless required), process
+helpers, and the straight reference runs several files compare against (``seed_straight``:
+trained once per session, on first use). Multi-process tests inside pytest use
+``tests._launch.spawn``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import pytest
 
@@ -79,23 +84,68 @@ class Ran(subprocess.CompletedProcess):
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> Ran:
     """``python -m largebatch ARGS`` as a real process."""
-    return _run([sys.executable, "-m", "largebatch", *args], timeout, env)
+    return _run(cli(*args), timeout, env)
 
 
 def run_torchrun(nproc: int, *args: str, timeout: int = 300, env: dict | None = None) -> Ran:
     """``torchrun --standalone --nproc_per_node N -m largebatch ARGS`` as real processes."""
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}", "-m", "largebatch", *args], timeout, env)
+    return _run(torchrun(nproc, *args), timeout, env)
 
 
-def _run(cmd: list[str], timeout: float, env: dict | None) -> Ran:
+def run_many(cmds: Sequence[Sequence[str]], timeout: int = 300, env: dict | None = None,
+             parallel: int = 2) -> list[Ran]:
+    """Run independent commands (argv lists, e.g. ``cli(...)``), ``parallel`` at a time; returns
+    their ``Ran`` in the order given.
+
+    For tests that start several short processes whose cost is the interpreter and torch
+    import (~3 s of one core each): two at a time keep both cores busy while this process
+    waits. Each command is run as ``run_cli`` runs it (own process group, the same timeout
+    handling); a timeout or an interrupt kills every command still running.
+    """
+    started: list[subprocess.Popen] = []
+    stopping = threading.Event()
+
+    def one(cmd: list[str]) -> Ran:
+        if stopping.is_set():  # another command failed: start nothing more
+            raise RuntimeError("not started: an earlier command of run_many failed")
+        return _run(cmd, timeout, env, started.append)
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(one, list(cmd)) for cmd in cmds]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            stopping.set()
+            for future in futures:
+                future.cancel()
+            for proc in started:
+                _kill_group(proc)
+            raise
+
+
+def cli(*args: str) -> list[str]:
+    """The argv of ``python -m largebatch ARGS`` (for ``run_many``)."""
+    return [sys.executable, "-m", "largebatch", *args]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The argv of ``torchrun --standalone --nproc_per_node N -m largebatch ARGS``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "largebatch", *args]
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None,
+         started: Optional[Callable[[subprocess.Popen], None]] = None) -> Ran:
     """Run ``cmd`` in its own process group from the repository root.
 
     At the timeout the whole group is killed (torchrun's workers too, which ``subprocess.run``
     would leave running on the shared cores) and the test fails with the output so far.
+    ``started`` is told the process once it runs (``run_many`` kills it on an interrupt).
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or cli_env(), cwd=REPO, start_new_session=True)
+    if started is not None:
+        started(proc)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -135,6 +185,21 @@ def _summary(cmd, ending: str, out: str | None, err: str | None) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads in this (the pytest) process set to 1 for the block, then
+    restored: for small in-process computations whose thread count is not what they test.
+    On the shared 2-core machine, two OpenMP threads in a busy moment are several times slower
+    than one (measured: 10 steps of the MNIST MLP 0.26 s on one thread, 1.3-4.5 s on two)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def model_weights(out: Path) -> dict:
     """The final weights a run wrote to ``out/model.pt`` (weights_only load)."""
     from largebatch.checkpoint import load_checkpoint
@@ -147,3 +212,51 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
+
+
+# ---- straight reference runs shared across files -----------------------------------------------
+# The uninterrupted run that the resume and fault tests (tests/integration/test_resume.py,
+# test_faults.py) compare a checkpointed, killed, signalled or restarted run against, bit for
+# bit, and whose outputs the trainer's torchrun test checks (tests/unit/train/test_trainer.py):
+# 60 steps of the dropout CNN (seed_cnn has two dropout layers: equal weights need the RNG
+# streams restored too), 10 steps an epoch. Those files build their own runs from SEED_RUN, so
+# a change here changes both sides of every comparison.
+SEED_RUN = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
+            "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5",
+            "data.test_subset=1000"]  # 6 evaluations of 1000 test images, not 10,000: a third faster
+SEED_RUN_STEPS = 60
+
+
+def seed_run_args(root: Path, out: Path, loader: str, *extra: str) -> list[str]:
+    """``SEED_RUN`` on the real MNIST at ``root`` with ``loader``, writing to ``out``."""
+    return [*SEED_RUN, f"data.root={root}", "data.download=false", f"data.loader={loader}",
+            f"log.out_dir={out}", *extra]
+
+
+@pytest.fixture(scope="session")
+def seed_straight(mnist_root: Path, tmp_path_factory) -> Callable[..., Path]:
+    """``get(world, loader)``: the output folder (model.pt, summary.json, metrics.jsonl) of the
+    uninterrupted ``SEED_RUN`` with ``world`` processes (torchrun for 2) and ``loader``. Each is
+    trained once per session, by the first test that asks; a failed run fails that test and is
+    tried again by the next. Treat the folder as read-only.
+
+    ``get(world, loader, alongside=ARGV)`` also runs the command ``ARGV`` (``cli(...)``), side
+    by side with the straight run where that still has to be trained (``run_many``), and
+    returns ``(folder, the command's Ran)``: for a test whose own first run does not depend on
+    the reference."""
+    done: dict[tuple[int, str], Path] = {}
+
+    def get(world: int, loader: str, alongside: Optional[Sequence[str]] = None):
+        ran = None
+        if (world, loader) not in done:
+            out = tmp_path_factory.mktemp(f"straight-w{world}-{loader}") / "run"
+            args = seed_run_args(mnist_root, out, loader)
+            cmd = cli(*args) if world == 1 else torchrun(world, *args)
+            proc, *rest = run_many([cmd] + ([alongside] if alongside is not None else []))
+            assert proc.returncode == 0, proc
+            done[(world, loader)] = out
+            ran = rest[0] if rest else None
+        elif alongside is not None:
+            (ran,) = run_many([alongside])
+        return done[(world, loader)] if alongside is None else (done[(world, loader)], ran)
+    return get
