@@ -6,6 +6,8 @@ dotted keys. Nothing here knows about training; everything above may import it.
   share one), which is fsynced, renamed over the target in one step and the directory fsynced.
   A reader sees the old file or the new one, never half of one; a crash leaves at most a temp
   file behind.
+* **Strict JSON** (``json_safe``, ``json_number``): a non-finite float is written as ``null``
+  with a sibling ``KEY_nonfinite`` naming it ('nan', 'inf', '-inf'), and read back as a float.
 * **JSON Lines** (``read_jsonl``): tolerant of a torn last line (a killed writer), strict
   elsewhere.
 * **RNG streams** (``rng_state`` / ``set_rng_state``): Python, NumPy, torch CPU and CUDA, as
@@ -66,20 +68,64 @@ def write_bytes_atomic(path: str | Path, data: bytes, make_parents: bool = True)
     return path
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float written as a string ('nan', 'inf', '-inf'):
-    strict JSON has no NaN, and a summary with a literal NaN is unreadable elsewhere."""
+#: A non-finite float is written as ``null`` and its key gets a sibling ``KEY + NONFINITE``
+#: saying which value it was (the face metrics' ``KEY_note`` habit): strict JSON has no
+#: NaN/Infinity, and a reader must not mistake a string for a number or lose why it is null.
+NONFINITE = "_nonfinite"
+
+
+def _nonfinite(value: Any) -> str | None:
+    """'nan', 'inf' or '-inf' for a non-finite float, else None."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    return None
+
+
+def _reasons(value: Any) -> Any:
+    """What the sibling ``KEY_nonfinite`` of ``value`` holds: the reason of a non-finite
+    float, ``{index: reason}`` for a list holding some, else None (no sibling)."""
+    why = _nonfinite(value)
+    if why is None and isinstance(value, (list, tuple)):
+        why = {str(i): r for i, r in ((i, _nonfinite(v)) for i, v in enumerate(value)) if r}
+    return why or None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: every non-finite float becomes None, and in a
+    mapping its key gets a sibling ``KEY_nonfinite`` ('nan', 'inf', '-inf'; for a list,
+    ``{index: reason}``), e.g. ``{"final_loss": None, "final_loss_nonfinite": "nan"}``.
+    Idempotent (a summary read back and written again is unchanged)."""
+    if _nonfinite(value) is not None:
+        return None
     if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            out[k] = json_safe(v)
+            why = _reasons(v)
+            if why is not None:
+                out[f"{k}{NONFINITE}"] = why
+        return out
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
 
 
+def json_number(record: Mapping[str, Any], key: str) -> float:
+    """Field ``key`` of a record ``json_safe`` wrote, as a float: the number, the non-finite
+    value its ``KEY_nonfinite`` names, NaN when absent or null; files written before
+    non-finite values became null held them as the strings 'nan'/'inf', which read too."""
+    value = record.get(key)
+    if value is None or isinstance(value, bool):
+        value = record.get(f"{key}{NONFINITE}")
+    try:
+        return float(value) if isinstance(value, (int, float, str)) else math.nan
+    except ValueError:
+        return math.nan
+
+
 def json_text(obj: Any, indent: int | None = 2) -> str:
-    """``obj`` as strict JSON text (non-finite floats as strings; other objects by ``str``)."""
+    """``obj`` as strict JSON text (non-finite floats as null with a reason, see
+    ``json_safe``; other objects by ``str``)."""
     return json.dumps(json_safe(obj), indent=indent, default=str, allow_nan=False)
 
 

@@ -73,8 +73,8 @@ class MetricsLogger:
         self.console.begin(step, total, time_s)
 
     def log(self, record: dict[str, Any]) -> None:
-        """One JSON object per line (non-finite numbers as strings); the other sinks get the
-        numeric fields at the record's step."""
+        """One JSON object per line (a non-finite number as null beside its ``KEY_nonfinite``,
+        ``io.json_safe``); the other sinks get the numeric fields at the record's step."""
         if not self.enabled:
             return
         self._file.write(json.dumps(json_safe(record)) + "\n")

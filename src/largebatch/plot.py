@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from largebatch.config import ConfigError
+from largebatch.io import NONFINITE
 
 DEFAULT_SMOOTH = 10
 #: eval-record fields that are positions, not metrics.
@@ -134,7 +135,8 @@ def run_names(directories: list[str | Path]) -> list[str]:
 
 # ---- series -----------------------------------------------------------------------------------
 def number(value: Any) -> float:
-    """A metrics field as a float: NaN/inf are written as strings, a missing value is NaN."""
+    """A metrics field as a float: a missing or null (non-finite, see ``io.json_safe``)
+    value is NaN; the strings 'nan'/'inf' of older files read as what they say."""
     if value is None or isinstance(value, bool):
         return math.nan
     try:
@@ -162,7 +164,11 @@ def eval_metric_names(runs: list[Run]) -> list[str]:
         for r in run.of_kind("eval"):
             for key, value in r.items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if key not in POSITION_KEYS and (numeric or value in ("nan", "inf", "-inf")):
+                # A non-finite value is null beside its KEY_nonfinite (older files: a string).
+                nonfinite = value in ("nan", "inf", "-inf") or (
+                    value is None and f"{key}{NONFINITE}" in r)
+                if key not in POSITION_KEYS and not key.endswith(NONFINITE) and (
+                        numeric or nonfinite):
                     names.setdefault(key)
     series = {n: [r.get(n) for run in runs for r in run.of_kind("eval")] for n in names}
 

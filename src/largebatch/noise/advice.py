@@ -76,8 +76,8 @@ def summarize(values: Iterable[Optional[float | str]]) -> Optional[NoiseEstimate
     standard error would claim far more precision than the run has. The band is the spread
     of the estimate over the second half (the first half is the EMAs' warm-up and the
     fastest-changing part of training). Non-finite and non-positive values (a step where the
-    |G|^2 estimate was <= 0, i.e. noise dominated) are dropped; so are None and the strings
-    'nan'/'inf' as which metrics.jsonl writes non-finite numbers.
+    |G|^2 estimate was <= 0, i.e. noise dominated) are dropped; so are None (as which
+    metrics.jsonl writes a non-finite number) and the strings 'nan'/'inf' of older files.
 
     Returns:
         The estimate, or None when no usable value is left.

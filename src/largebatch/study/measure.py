@@ -10,26 +10,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from largebatch.io import iter_jsonl
+from largebatch.io import iter_jsonl, json_number
 from largebatch.plan import BatchPlan
 from largebatch.study.sweep import RunSpec, Sweep
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl`` (a torn last line dropped; non-finite numbers
-    arrive as the strings 'nan'/'inf', which ``_num`` reads).
+    """The records of a run's ``metrics.jsonl`` (a torn last line dropped; a non-finite number is
+    null beside its ``KEY_nonfinite``, which ``io.json_number`` reads).
 
     Raises:
         FileNotFoundError: the run wrote no metrics.jsonl (a run the study made always does).
     """
     return list(iter_jsonl(Path(out_dir) / "metrics.jsonl"))
-
-
-def _num(value: Any) -> float:
-    """A number from a metrics field ('nan'/'inf' are written as strings); None -> nan."""
-    if value is None:
-        return math.nan
-    return float(value)
 
 
 def loss_oscillation(losses: list[float]) -> float:
@@ -46,7 +39,7 @@ def timing_columns(records: list[dict[str, Any]], plan: BatchPlan, loader: str) 
     if not timed:
         raise RuntimeError(f"timing pass with loader {loader} ran no micro-batch")
     scale = plan.micro_batches_per_epoch / timed
-    total = {k: sum(_num(r[k]) for r in epochs) * scale
+    total = {k: sum(json_number(r, k) for r in epochs) * scale
              for k in ("epoch_time_s", "data_time_s", "compute_time_s")}
     return {f"{loader}_epoch_time_s": total["epoch_time_s"],
             f"{loader}_data_time_s": total["data_time_s"],
@@ -75,35 +68,36 @@ def convergence_columns(summary: dict[str, Any], records: list[dict[str, Any]],
                         spec: RunSpec, sweep: Sweep) -> tuple[dict, list[float], list[dict]]:
     """Row fields of a convergence run, its first ``loss_iters`` losses and its eval curve."""
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
-    losses = [_num(r["loss"]) for r in train[:sweep.loss_iters]]
+    losses = [json_number(r, "loss") for r in train[:sweep.loss_iters]]
     evals = [{"step": r["step"], "epoch": r["epoch"], "samples": r["samples"],
-              "time_s": r["time_s"], "val_acc": _num(r["val_acc"]),
-              "val_loss": _num(r["val_loss"])} for r in records if r["kind"] == "eval"]
+              "time_s": r["time_s"], "val_acc": json_number(r, "val_acc"),
+              "val_loss": json_number(r, "val_loss")} for r in records if r["kind"] == "eval"]
     full = [r for r in records if r["kind"] == "epoch"
             and r["micro_batches"] == spec.plan.micro_batches_per_epoch]
     accs = [e["val_acc"] for e in evals if math.isfinite(e["val_acc"])]
-    spike = max(train, key=lambda r: _num(r["loss"]), default=None)  # the worst step of the run
+    # the worst step of the run
+    spike = max(train, key=lambda r: json_number(r, "loss"), default=None)
     cols = {
         "arm": spec.arm, "batch_size": spec.batch_size, "status": "ran", "note": "",
         "world_size": spec.plan.world_size, "micro_size": spec.plan.micro_size,
         "lr": spec.plan.peak_lr, "steps_per_epoch": spec.plan.steps_per_epoch,
         "epochs_run": summary["epochs_run"], "steps": summary["steps"],
         "train_time_s": summary["train_time_s"], "wall_s": summary["wall_s"],
-        "run_epoch_time_s": (sum(_num(r["epoch_time_s"]) for r in full) / len(full)) if full
-        else math.nan,
+        "run_epoch_time_s": (sum(json_number(r, "epoch_time_s") for r in full) / len(full))
+        if full else math.nan,
         "run_full_epochs": len(full),
         "loss_osc_1000": loss_oscillation(losses), "loss_iters_used": len(losses),
         "reached_target": bool(summary["reached_target"]),
         "time_to_target_s": summary["time_to_target_s"],
         "steps_to_target": summary["steps_to_target"],
         "epochs_to_target": summary["epochs_to_target"],
-        "final_val_acc": _num(summary["final_val_acc"]),
+        "final_val_acc": json_number(summary, "final_val_acc"),
         "best_val_acc": max(accs) if accs else math.nan,
-        "final_val_loss": _num(summary["final_val_loss"]),
-        "final_lr": _num(summary.get("final_lr")),  # where a plateau arm left the LR
+        "final_val_loss": json_number(summary, "final_val_loss"),
+        "final_lr": json_number(summary, "final_lr"),  # where a plateau arm left the LR
         "diverged": bool(summary["diverged"]),
         "diverged_step": summary["steps"] if summary["diverged"] else None,
-        "max_train_loss": _num(spike["loss"]) if spike else math.nan,
+        "max_train_loss": json_number(spike, "loss") if spike else math.nan,
         "max_loss_step": spike["step"] if spike else None,
         "stop_reason": summary["stop_reason"], "outcome": outcome(summary, sweep),
     }
@@ -121,7 +115,8 @@ def pooled_noise_scale(records: list[dict[str, Any]]) -> float:
     median or mean of per-step ratios is biased where |G|² is small and noisy (small batches:
     at batch 6 about a quarter of the steps have an EMA'd |G|² <= 0, hence no ratio at all).
     """
-    pairs = [(_num(r.get("grad_trace_cov")), _num(r.get("grad_sq_norm"))) for r in records]
+    pairs = [(json_number(r, "grad_trace_cov"), json_number(r, "grad_sq_norm"))
+             for r in records]
     pairs = [(t, g) for t, g in pairs if math.isfinite(t) and math.isfinite(g)]
     if not pairs:
         return math.nan
@@ -142,7 +137,7 @@ def noise_columns(records: list[dict[str, Any]], enabled: bool) -> tuple[dict, l
     if not enabled:
         return off, []
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
-    values = [_num(r.get("noise_scale")) for r in train]
+    values = [json_number(r, "noise_scale") for r in train]
     if not train:
         return off, []
     n = len(train)
