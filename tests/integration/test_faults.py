@@ -4,7 +4,6 @@ and non-finite losses (train.nonfinite=skip|stop)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -17,19 +16,14 @@ import pytest
 import torch
 
 from largebatch.checkpoint import list_sets, load_checkpoint
-from tests.conftest import (assert_same_weights, cli_env, model_weights, REPO, run_cli,
-                          run_torchrun)
+from tests._launch import spawn
+from tests.conftest import (SEED_RUN_STEPS as STEPS, assert_same_weights, cli, cli_env,
+                            model_weights, REPO, run_cli, run_torchrun, seed_run_args as _args)
 
-# 60 steps of the dropout CNN (seed_cnn has two dropout layers), 10 steps an epoch.
-BASE = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
-        "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5",
-        "data.test_subset=1000"]  # 6 evaluations of 1000 test images, not 10,000: a third faster
-STEPS = 60
-
-
-def _args(root: Path, out: Path, loader: str, *extra: str) -> list[str]:
-    return [*BASE, f"data.root={root}", "data.download=false", f"data.loader={loader}",
-            f"log.out_dir={out}", *extra]
+# The runs here are tests/conftest.py's SEED_RUN (60 steps of the dropout CNN, 10 steps an
+# epoch), compared bit for bit with its uninterrupted run: the session fixture
+# ``seed_straight`` trains that once per (world size, loader) for this file and
+# tests/integration/test_resume.py.
 
 
 def _records(out: Path) -> list[dict]:
@@ -51,34 +45,21 @@ def _run(world: int, args: list[str]) -> subprocess.CompletedProcess:
     return run_cli(*args) if world == 1 else run_torchrun(world, *args)
 
 
-_STRAIGHT: dict[tuple[int, str], dict] = {}
-
-
-def _straight(world: int, loader: str, root: Path, tmp: Path) -> dict:
-    """Final weights of the uninterrupted run (cached per world size and loader)."""
-    key = (world, loader)
-    if key not in _STRAIGHT:
-        out = tmp / f"straight-{world}-{loader}"
-        proc = _run(world, _args(root, out, loader))
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        _STRAIGHT[key] = model_weights(out)
-    return _STRAIGHT[key]
-
-
-@pytest.fixture(scope="module")
-def tmp_module(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
+def _straight(seed_straight, world: int, loader: str) -> dict:
+    """Final weights of the uninterrupted run (trained once per session, see above)."""
+    return model_weights(seed_straight(world, loader))
 
 
 # ---- exact resume, no kill: the DataLoader must not touch the global RNG ---------------------
-def test_torch_loader_resume_from_a_mid_run_set_is_bit_identical(tmp_path, tmp_module,
+def test_torch_loader_resume_from_a_mid_run_set_is_bit_identical(tmp_path, seed_straight,
                                                                  mnist_root):
     """Sets every 15 steps; the run is cut back to its step-15 set (as if killed at step 60
     before the closing evaluation): resuming redoes 16..60 with the same dropout masks."""
-    straight = _straight(1, "torch", mnist_root, tmp_module)
     out = tmp_path / "run"
     args = _args(mnist_root, out, "torch", "checkpoint.every_steps=15", "checkpoint.keep=5")
-    proc = run_cli(*args)
+    # The checkpointing run does not depend on the reference: side by side with it.
+    reference, proc = seed_straight(1, "torch", alongside=cli(*args))
+    straight = model_weights(reference)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(model_weights(out), straight)  # checkpointing itself changes nothing
     ck = out / "checkpoints"
@@ -123,11 +104,12 @@ def _kill_tree(pid: int) -> None:
 
 @pytest.mark.slow
 # Both world sizes and both loaders, in two runs, not four: each pair shares its uninterrupted
-# reference with another test (the torch-loader resume above, the elastic restart below).
+# reference with other tests (the torch-loader resume above; the elastic restart below and
+# test_resume.py's SIGUSR1 test).
 @pytest.mark.parametrize("world,loader", [(1, "torch"), (2, "memory")])
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, tmp_module, mnist_root,
-                                                               world, loader):
-    straight = _straight(world, loader, mnist_root, tmp_module)
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, seed_straight,
+                                                               mnist_root, world, loader):
+    straight = _straight(seed_straight, world, loader)
     kill_at = random.randint(8, STEPS - 5)
     out = tmp_path / "cut"
     args = _args(mnist_root, out, loader, "checkpoint.every_steps=7")
@@ -166,12 +148,13 @@ def _worker_of_rank(root_pid: int, rank: int, timeout: float = 60):
 
 
 @pytest.mark.slow
-def test_torchrun_elastic_restart_after_a_rank_is_killed_resumes_exactly(tmp_path, tmp_module,
+def test_torchrun_elastic_restart_after_a_rank_is_killed_resumes_exactly(tmp_path,
+                                                                        seed_straight,
                                                                         mnist_root):
     """``--max-restarts 1``: one rank SIGKILLed mid-run; torchrun's agent stops the other,
     restarts the group, which resumes from the newest complete set and ends with the
     uninterrupted run's weights (metrics.jsonl: every step once)."""
-    straight = _straight(2, "memory", mnist_root, tmp_module)
+    straight = _straight(seed_straight, 2, "memory")
     out = tmp_path / "elastic"
     args = _args(mnist_root, out, "memory", "checkpoint.every_steps=7")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -340,32 +323,25 @@ def test_fp16_scaler_overflow_does_not_advance_schedule_or_step(tmp_path, mnist_
     assert summary["steps"] == 8 and summary["skipped_steps"] == 1
 
 
-def _two_rank_worker(rank: int, port: int, root: str, out: str, result: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _two_rank_worker(rank: int, world: int, root: str, out: str) -> dict:
+    from largebatch.dist import DistEnv
     from largebatch.train.build import build_run
-    run = build_run(_mlp_cfg(Path(root), Path(out), "train.nonfinite=skip"), quiet=True)
+    run = build_run(_mlp_cfg(Path(root), Path(out), "train.nonfinite=skip"),
+                    DistEnv("torchrun", rank=rank, world_size=world, local_rank=rank), quiet=True)
     # Only rank 1's loss is NaN, and its gradient stays finite: nothing but the agreed flag
     # tells rank 0 to drop that step too.
     _poison(run.trainer.task, 4, "loss", rank_ok=lambda: rank == 1)
     summary, snaps = _train_recording(run, 4)
-    torch.save({"summary": {k: summary[k] for k in ("steps", "skipped_steps")},
-                "applied": [s["applied"] for s in snaps],
-                "same": all(torch.equal(a, b) for a, b in zip(snaps[3]["before"]["params"],
-                                                               snaps[3]["after"]["params"])),
-                "params": [p.detach().clone() for p in run.trainer.model.parameters()]},
-               f"{result}.{rank}")
+    return {"summary": {k: summary[k] for k in ("steps", "skipped_steps")},
+            "applied": [s["applied"] for s in snaps],
+            "same": all(torch.equal(a, b) for a, b in zip(snaps[3]["before"]["params"],
+                                                           snaps[3]["after"]["params"])),
+            "params": [p.detach().clone() for p in run.trainer.model.parameters()]}
 
 
 @pytest.mark.slow
 def test_nonfinite_on_one_rank_is_skipped_by_both(tmp_path, mnist_root):
-    import torch.multiprocessing as mp
-    from tests.conftest import free_port
-    result = tmp_path / "result"
-    mp.spawn(_two_rank_worker, args=(free_port(), str(mnist_root), str(tmp_path / "run"),
-                                     str(result)), nprocs=2, join=True)
-    r0, r1 = (torch.load(f"{result}.{r}") for r in (0, 1))
+    r0, r1 = spawn(_two_rank_worker, 2, str(mnist_root), str(tmp_path / "run"), timeout=180)
     for r in (r0, r1):
         assert r["applied"] == [True] * 3 + [False] + [True] * 5
         assert r["summary"] == {"steps": 8, "skipped_steps": 1} and r["same"]

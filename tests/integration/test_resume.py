@@ -12,12 +12,13 @@ from pathlib import Path
 
 
 from largebatch.checkpoint import load_checkpoint
-from tests.conftest import REPO, cli_env, run_cli, run_torchrun
+from tests.conftest import (REPO, SEED_RUN, SEED_RUN_STEPS, cli, cli_env, run_cli, run_many,
+                            run_torchrun)
 
-# seed_cnn has dropout: equal weights need the RNG streams restored too.
-BASE = ["train", "configs/mnist/seed.yaml", "data.subset=1200", "batch.global_size=120",
-        "train.epochs=6", "log.progress=false", "schedule.warmup_steps=5",
-        "data.test_subset=1000"]  # 6 evaluations of 1000 test images, not 10,000: a third faster
+# tests/conftest.py's SEED_RUN: 60 steps of seed_cnn, which has dropout, so equal weights need
+# the RNG streams restored too. Its uninterrupted 2-rank run is the session fixture
+# ``seed_straight``, shared with tests/integration/test_faults.py.
+BASE = SEED_RUN
 
 
 def _args(root, out, *extra):
@@ -34,10 +35,12 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def test_resume_from_periodic_checkpoint_is_exact(tmp_path, mnist_root):
-    straight = tmp_path / "straight"
-    assert run_cli(*_args(mnist_root, straight, "train.max_steps=14")).returncode == 0
-    cut = tmp_path / "cut"
-    first = run_cli(*_args(mnist_root, cut, "train.max_steps=6", "checkpoint.every_steps=6"))
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    # The straight run and the first leg of the cut one are independent: side by side.
+    ref, first = run_many([cli(*_args(mnist_root, straight, "train.max_steps=14")),
+                           cli(*_args(mnist_root, cut, "train.max_steps=6",
+                                      "checkpoint.every_steps=6"))])
+    assert ref.returncode == 0, ref.stderr[-2000:]
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_cli(*_args(mnist_root, cut, "train.max_steps=14"))  # resume=auto, the default
     assert second.returncode == 0, second.stderr[-2000:]
@@ -64,11 +67,10 @@ def _worker_pids(marker: str) -> dict[int, int]:
     return pids
 
 
-def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path, mnist_root):
+def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path, mnist_root,
+                                                                       seed_straight):
     """SLURM's pre-emption signal reaches one worker: both ranks stop at the same step."""
-    straight = tmp_path / "straight"
-    proc = run_torchrun(2, *_args(mnist_root, straight))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    straight = seed_straight(2, "memory")  # the same run with the default loader, memory
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "largebatch", *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck")]
@@ -85,12 +87,12 @@ def test_sigusr1_on_one_rank_checkpoints_all_ranks_and_resumes_exactly(tmp_path,
     out, err = live.communicate(timeout=120)
     assert live.returncode == 0, err[-2000:]
     summary = json.loads((cut / "summary.json").read_text())
-    assert summary["stop_reason"] == "preempted" and summary["steps"] < 60
+    assert summary["stop_reason"] == "preempted" and summary["steps"] < SEED_RUN_STEPS
     resumed = run_torchrun(2, *_args(mnist_root, cut, f"checkpoint.dir={cut}/ck"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {summary['steps']}" in resumed.stdout
     final = json.loads((cut / "summary.json").read_text())
-    assert final["steps"] == 60 and final["stop_reason"] == "epochs"
+    assert final["steps"] == SEED_RUN_STEPS and final["stop_reason"] == "epochs"
     _assert_same(_weights(straight), _weights(cut))
 
 

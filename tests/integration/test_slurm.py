@@ -94,15 +94,6 @@ def wait_job(cluster: Cluster, job_id: str, timeout: float = JOB_TIMEOUT) -> dic
     raise AssertionError(f"job {job_id} still queued after {timeout} s: {job_info(cluster, job_id)}")
 
 
-def wait_training(metrics: Path, steps: int, job: str, log: Path) -> None:
-    """Until the job's run has logged ``steps`` training steps (signal mid-training, not during
-    start-up). The job may first queue behind others on the one-node cluster."""
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not metrics.is_file() or metrics.read_text().count('"kind": "train"') < steps:
-        assert time.monotonic() < deadline, (job, log.is_file() and log.read_text()[-3000:])
-        time.sleep(0.05)
-
-
 def train_args(mnist_root: Path, out_dir: Path) -> list[str]:
     """seed.yaml at global 60 = micro 30 x 2 tasks, a few steps on the real MNIST."""
     return ["configs/mnist/seed.yaml", f"train.max_steps={MAX_STEPS}", "batch.micro_size=30",
@@ -157,17 +148,101 @@ def test_scripts_pass_sbatch_validation(cluster: Cluster):
         assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
 
 
+SIGNALLED = [("srun", "USR1"), ("srun", "TERM"), ("torchrun", "USR1"), ("torchrun", "TERM")]
+SIGNAL_AT = 5  # training steps logged before the signal: mid-training, not during start-up
+
+
+@dataclass
+class Submitted:
+    """A train.sbatch job of the ``jobs`` fixture, and how it went: ``info`` once it has left
+    the queue (``scontrol show job``), or ``error`` saying why the fixture gave up on it."""
+
+    job: Job
+    signal: str | None = None  # sent with `scancel --batch` once signal_at steps are logged
+    signal_at: int = SIGNAL_AT
+    signalled: bool = False
+    info: dict[str, str] | None = None
+    error: str | None = None
+
+
 @pytest.fixture(scope="module")
-def torchrun_job(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> Job:
+def jobs(cluster: Cluster, mnist_root: Path, tmp_path_factory) -> dict:
+    """Every train.sbatch job of this module, submitted together and driven to the end at once:
+    the uninterrupted torchrun-form job (the reference), the four signalled jobs (each launcher
+    form x each signal) and the one-task run without checkpoints.
+
+    The one-node cluster runs one 2-task job at a time (2 CPUs), in submission order: while a
+    signalled job waits out its requeue delay (~10-15 s, see slurm/local-cluster.sh) the next
+    one trains instead of the cluster idling, and each job is signalled once its own run has
+    logged its steps, as one job alone would be. Every job's checks stay with its test.
+
+    Returns ``"reference"``, ``(form, sig)`` and ``"no_checkpoints"`` -> ``Submitted``.
+    """
+    # key -> (launcher form, tasks, signal, signal_at, extra overrides)
+    specs = {"reference": ("torchrun", 2, None, 0, []),
+             **{(f, g): (f, 2, g, SIGNAL_AT, []) for f, g in SIGNALLED},
+             "no_checkpoints": ("torchrun", 1, "USR1", 3,
+                                ["batch.micro_size=60", "checkpoint.resume=never"])}
+    out: dict = {}
+    for key, (form, tasks, sig, at, extra) in specs.items():
+        tmp = tmp_path_factory.mktemp(key if isinstance(key, str) else f"{form}-{sig}")
+        env = {"LARGEBATCH_LAUNCH": "srun"} if form == "srun" else {}
+        job_id = submit(cluster, f"--ntasks={tasks}", f"--output={tmp}/job-%j.out",
+                        "slurm/train.sbatch", *train_args(mnist_root, tmp / "run"), *extra,
+                        MASTER_PORT=str(free_port()), **env)
+        out[key] = Submitted(Job(job_id, tmp / "run", tmp / f"job-{job_id}.out"), sig, at)
+    # Each job may queue behind all the others: JOB_TIMEOUT each, in all.
+    deadline = time.monotonic() + JOB_TIMEOUT * len(out)
+    pending, next_poll = list(out.values()), 0.0
+    while pending:
+        for sub in pending:  # every 0.05 s: the signal must land mid-run, not after it
+            if (sub.signal and not sub.signalled
+                    and _steps_logged(sub.job.out_dir) >= sub.signal_at):
+                cluster.run("scancel", "--batch", f"--signal={sub.signal}", sub.job.job_id)
+                sub.signalled = True
+        if time.monotonic() >= next_poll:  # which jobs have left the queue: one squeue call
+            ids = ",".join(sub.job.job_id for sub in pending)
+            queued = set(cluster.run("squeue", "-h", "-j", ids, "-o", "%i",
+                                     check=False).stdout.split())
+            for sub in [sub for sub in pending if sub.job.job_id not in queued]:
+                sub.info = job_info(cluster, sub.job.job_id)
+                pending.remove(sub)
+            next_poll = time.monotonic() + 0.5
+        if pending and time.monotonic() > deadline:
+            for sub in pending:
+                cluster.run("scancel", sub.job.job_id, check=False)
+                sub.error = (f"job {sub.job.job_id} still queued after {JOB_TIMEOUT * len(out)} "
+                             f"s (signalled: {sub.signalled}): "
+                             f"{job_info(cluster, sub.job.job_id)}\n" + _log_tail(sub.job.log))
+            break
+        time.sleep(0.05)
+    return out
+
+
+def _steps_logged(out_dir: Path) -> int:
+    metrics = out_dir / "metrics.jsonl"
+    return metrics.read_text().count('"kind": "train"') if metrics.is_file() else 0
+
+
+def _log_tail(log: Path) -> str:
+    return log.read_text()[-3000:] if log.is_file() else f"(no {log})"
+
+
+def finished(sub: Submitted) -> dict[str, str]:
+    """The job's final ``scontrol`` record; fails the test where the fixture gave up on it."""
+    assert sub.error is None, sub.error
+    assert sub.info is not None
+    return sub.info
+
+
+@pytest.fixture(scope="module")
+def torchrun_job(jobs: dict) -> Job:
     """The default form: one srun task per node running torchrun (2 processes), waited for:
     the uninterrupted reference of the signalled jobs."""
-    tmp = tmp_path_factory.mktemp("torchrun")
-    job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()))
-    info = wait_job(cluster, job)
-    log = tmp / f"job-{job}.out"
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
-    return Job(job, tmp / "run", log)
+    info = finished(jobs["reference"])
+    job = jobs["reference"].job
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _log_tail(job.log)
+    return job
 
 
 def test_train_sbatch_two_tasks_torchrun_form(torchrun_job: Job):
@@ -176,38 +251,25 @@ def test_train_sbatch_two_tasks_torchrun_form(torchrun_job: Job):
     assert_summary(torchrun_job.out_dir, torchrun_job.log)
 
 
-def signal_mid_training(cluster: Cluster, mnist_root: Path, tmp: Path, form: str,
-                        sig: str) -> Job:
-    """Submit ``form`` (torchrun: one task per node running torchrun; srun: one task per
-    rank) and send ``sig`` to the batch shell once training runs: USR1 is what
-    `--signal=B:USR1@90` sends before the time limit, TERM what Slurm sends on pre-emption
-    (`scancel --batch --signal` delivers both the same way now)."""
-    env = {"LARGEBATCH_LAUNCH": "srun"} if form == "srun" else {}
-    job = submit(cluster, "--ntasks=2", f"--output={tmp}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp / "run"), MASTER_PORT=str(free_port()), **env)
-    # Signal mid-training (not during start-up): the workers checkpoint at one common step.
-    wait_training(tmp / "run" / "metrics.jsonl", 5, job, tmp / f"job-{job}.out")
-    cluster.run("scancel", "--batch", f"--signal={sig}", job)
-    return Job(job, tmp / "run", tmp / f"job-{job}.out")
-
-
-@pytest.mark.parametrize("form,sig", [("srun", "USR1"), ("srun", "TERM"),
-                                      ("torchrun", "USR1"), ("torchrun", "TERM")])
-def test_signal_requeues_and_completes_like_uninterrupted(cluster: Cluster, torchrun_job: Job,
-                                                          mnist_root: Path, tmp_path: Path,
+@pytest.mark.parametrize("form,sig", SIGNALLED)
+def test_signal_requeues_and_completes_like_uninterrupted(jobs: dict, torchrun_job: Job,
                                                           form: str, sig: str):
-    """Each launcher form x each signal: checkpoint at one step, requeue, resume, complete
-    with the uninterrupted job's weights (srun's one task per rank trains exactly like
-    torchrun) and every step logged once."""
-    job = signal_mid_training(cluster, mnist_root, tmp_path, form, sig)
-    info = wait_job(cluster, job.job_id)
+    """Each launcher form (torchrun: one task per node running torchrun; srun: one task per
+    rank) x each signal sent to the batch shell once training runs: USR1 is what
+    `--signal=B:USR1@90` sends before the time limit, TERM what Slurm sends on pre-emption
+    (`scancel --batch --signal` delivers both the same way now). Checkpoint at one step,
+    requeue, resume, complete with the uninterrupted job's weights (srun's one task per rank
+    trains exactly like torchrun) and every step logged once."""
+    sub = jobs[(form, sig)]
+    info, job = finished(sub), sub.job
+    assert sub.signalled, _log_tail(job.log)
     text = job.log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
         text[-3000:]
     assert f"SIG{sig}" in text and "requeueing job" in text and "restart 1" in text, text
     # largebatch's side of the hand-off: checkpoint on the signal, resume after the requeue.
     resumed_at = re.search(r"resumed from \S+ at step (\d+)", text)
-    assert resumed_at and 5 <= int(resumed_at.group(1)) < MAX_STEPS, text[-3000:]
+    assert resumed_at and SIGNAL_AT <= int(resumed_at.group(1)) < MAX_STEPS, text[-3000:]
     records = [json.loads(line) for line in (job.out_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, MAX_STEPS + 1))
     assert_summary(job.out_dir, job.log)
@@ -217,15 +279,12 @@ def test_signal_requeues_and_completes_like_uninterrupted(cluster: Cluster, torc
         assert torch.equal(got[key], ref[key]), key
 
 
-def test_run_without_checkpoints_is_not_requeued(cluster: Cluster, mnist_root: Path,
-                                                 tmp_path: Path):
-    """checkpoint.resume=never writes no sets: a signal ends the job; requeueing it would
-    restart from step 0 at every time limit (the loop the old script had)."""
-    job = submit(cluster, "--ntasks=1", f"--output={tmp_path}/job-%j.out", "slurm/train.sbatch",
-                 *train_args(mnist_root, tmp_path / "run"), "batch.micro_size=60",
-                 "checkpoint.resume=never", MASTER_PORT=str(free_port()))
-    wait_training(tmp_path / "run" / "metrics.jsonl", 3, job, tmp_path / f"job-{job}.out")
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    info = wait_job(cluster, job)
-    text = (tmp_path / f"job-{job}.out").read_text()
+def test_run_without_checkpoints_is_not_requeued(jobs: dict):
+    """checkpoint.resume=never writes no sets: a signal (USR1 after 3 steps, one task) ends the
+    job; requeueing it would restart from step 0 at every time limit (the loop the old script
+    had)."""
+    sub = jobs["no_checkpoints"]
+    info = finished(sub)
+    assert sub.signalled, _log_tail(sub.job.log)
+    text = sub.job.log.read_text()
     assert info["Restarts"] == "0" and "not requeued (fresh" in text, text[-3000:]

@@ -14,7 +14,7 @@ import pytest
 
 from largebatch import plot
 from largebatch.cli import main
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli, run_many
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GROWN_GLOBAL, OTHER_GLOBAL = 240, 120
@@ -23,28 +23,32 @@ STEMS = {"loss_vs_steps", "loss_vs_samples", "loss_vs_time", "lr_vs_steps",
          *(f"{m}_vs_{x}" for m in ("val_acc", "val_loss") for x in ("steps", "samples", "time"))}
 
 
-def _train(out: Path, mnist_root: Path, *extra: str) -> Path:
-    proc = run_cli("train", "configs/mnist/mlp.yaml", f"data.root={mnist_root}",
-                   "data.download=false", "data.test_subset=500", "train.device=cpu",
-                   f"log.out_dir={out}", "log.progress=false", "log.every_steps=1", *extra,
-                   timeout=240)
-    assert proc.returncode == 0, proc
-    return out
+def _train(out: Path, mnist_root: Path, *extra: str) -> list[str]:
+    """The argv of a real run writing to ``out``."""
+    return cli("train", "configs/mnist/mlp.yaml", f"data.root={mnist_root}",
+               "data.download=false", "data.test_subset=500", "train.device=cpu",
+               f"log.out_dir={out}", "log.progress=false", "log.every_steps=1", *extra)
 
 
 @pytest.fixture(scope="module")
 def runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two real runs, both in folders named ``run`` (so their legend names must differ by
     their parents): ``grown/run`` doubles its batch twice on plateau (240 -> 480 -> 960)
-    and then lowers the LR (as in test_batch_growth); ``plain/run`` keeps batch 120."""
+    and then lowers the LR (as in test_batch_growth); ``plain/run`` keeps batch 120. The two
+    processes run side by side (independent; nothing here reads their timings' scale)."""
     base = tmp_path_factory.mktemp("plot")
-    grown = _train(base / "grown" / "run", mnist_root, "data.subset=2400", "train.epochs=2",
-                   "train.eval_every_samples=480", "schedule.name=plateau",
-                   "schedule.plateau.action=grow_batch", "schedule.plateau.patience=0",
-                   "schedule.plateau.threshold_mode=abs", "schedule.plateau.threshold=100",
-                   "schedule.plateau.factor=0.5", f"batch.max_global_size={4 * GROWN_GLOBAL}")
-    plain = _train(base / "plain" / "run", mnist_root, "data.subset=1200", "train.epochs=1",
-                   f"batch.global_size={OTHER_GLOBAL}", "train.eval_every_samples=300")
+    grown, plain = base / "grown" / "run", base / "plain" / "run"
+    procs = run_many([
+        _train(grown, mnist_root, "data.subset=2400", "train.epochs=2",
+               "train.eval_every_samples=480", "schedule.name=plateau",
+               "schedule.plateau.action=grow_batch", "schedule.plateau.patience=0",
+               "schedule.plateau.threshold_mode=abs", "schedule.plateau.threshold=100",
+               "schedule.plateau.factor=0.5", f"batch.max_global_size={4 * GROWN_GLOBAL}"),
+        _train(plain, mnist_root, "data.subset=1200", "train.epochs=1",
+               f"batch.global_size={OTHER_GLOBAL}", "train.eval_every_samples=300")],
+        timeout=240)
+    for proc in procs:
+        assert proc.returncode == 0, proc
     return grown, plain
 
 
@@ -182,6 +186,10 @@ def test_several_runs_default_to_plots_folder(runs: tuple[Path, Path], tmp_path:
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(plot, "write_pngs", fake_write)
+    # The command's module binds write_pngs by name when it is first imported: patch its name
+    # too, or an earlier test that ran `plot` in this process leaves the real one in place.
+    import largebatch.cli.plot as plot_command
+    monkeypatch.setattr(plot_command, "write_pngs", fake_write)
     for args, where in (([str(runs[1])], runs[1]), ([*map(str, runs)], Path("plots"))):
         with pytest.raises(SystemExit) as stop:
             main(["plot", *args])
@@ -224,8 +232,9 @@ def _bad_inputs(base: Path, grown: Path) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input_is_one_line_exit_2(runs: tuple[Path, Path], tmp_path: Path) -> None:
-    for args, fragment in _bad_inputs(tmp_path, runs[0]):
-        proc = run_cli("plot", *args, "--out", str(tmp_path / "out"))
+    cases = _bad_inputs(tmp_path, runs[0])
+    procs = run_many([cli("plot", *args, "--out", str(tmp_path / "out")) for args, _ in cases])
+    for (args, fragment), proc in zip(cases, procs):
         assert proc.returncode == 2, proc
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("largebatch: error: "), proc

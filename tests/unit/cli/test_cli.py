@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli, cli_env, run_cli, run_many
 
 SEED = "configs/mnist/seed.yaml"
 
@@ -27,7 +27,7 @@ def test_plan_text_is_human_readable():
     assert "global 60 = micro 60 x accum 1 x world 1" in proc.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
+BAD_INPUT = [
     (["plan", SEED, "batch.global_size=250", "--world-size", "2"],
      "batch.global_size=250 is not divisible by micro_size 60 x world_size 2"),
     (["plan", SEED, "batch.accum_steps=3", "batch.global_size=240"],
@@ -37,9 +37,20 @@ def test_plan_text_is_human_readable():
     (["plan", "configs/nope.yaml"], "config file not found"),
     (["train", SEED, "data.root=/nonexistent", "data.download=false"], "MNIST not found"),
     (["train", SEED, "model.name=resnet"], "model.name='resnet' is not one of"),
-])
-def test_bad_input_exit_2_one_line(args, fragment):
-    proc = run_cli(*args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs() -> dict:
+    """Every BAD_INPUT command as a real process, once per module and two at a time (each is
+    mostly the interpreter's start-up): argv tuple -> its ``Ran``."""
+    procs = run_many([cli(*args) for args, _ in BAD_INPUT])
+    return {tuple(args): proc for (args, _), proc in zip(BAD_INPUT, procs)}
+
+
+@pytest.mark.parametrize("args, fragment", BAD_INPUT)
+def test_bad_input_exit_2_one_line(bad_input_runs, args, fragment):
+    proc = bad_input_runs[tuple(args)]
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -87,9 +98,20 @@ def test_keys_default_follows_data_root_env_and_prefix_filters():
         "largebatch: error: no config key starts with 'nope' (see `largebatch keys`)"
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["plan"], ["study"], ["keys"]])
-def test_help_has_examples(command):
-    proc = run_cli(*command, "--help")
+HELP_COMMANDS = [[], ["train"], ["plan"], ["study"], ["keys"]]
+
+
+@pytest.fixture(scope="module")
+def help_runs() -> dict:
+    """``largebatch [COMMAND] --help`` for each of HELP_COMMANDS, once per module and two at a
+    time: command tuple -> its ``Ran``."""
+    procs = run_many([cli(*command, "--help") for command in HELP_COMMANDS])
+    return {tuple(command): proc for command, proc in zip(HELP_COMMANDS, procs)}
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS)
+def test_help_has_examples(help_runs, command):
+    proc = help_runs[tuple(command)]
     assert proc.returncode == 0, proc.stderr
     examples = proc.stdout.split("examples:\n", 1)[1]
     lines = [ln.strip() for ln in examples.splitlines() if ln.strip().startswith("largebatch ")]
@@ -97,6 +119,5 @@ def test_help_has_examples(command):
     if command:
         assert all(ln.split()[1] == command[0] for ln in lines), lines
     if command == ["plan"]:  # the plan examples read no data: each must run as printed
-        for ln in lines:
-            ran = run_cli(*ln.split()[1:])
+        for ln, ran in zip(lines, run_many([cli(*ln.split()[1:]) for ln in lines])):
             assert ran.returncode == 0, (ln, ran.stderr)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import pytest
 from largebatch.cli import main
 from largebatch.config import Config, choices
 from largebatch.config.keys import key_rows
-from tests.conftest import CONFIGS, REPO, cli_env
+from tests.conftest import CONFIGS, cli, run_many
 
 MLP = str(CONFIGS / "mnist" / "mlp.yaml")
 ROWS = key_rows(Config)
@@ -131,9 +129,10 @@ def test_a_sample_through_real_processes(tmp_path):
     rng = random.Random(9)
     sample = rng.sample(OVERRIDES, 8)
     files = _files(tmp_path)
-    for overrides, key in sample + [(f[0], f[1]) for f in files if "tag" in f[1]][:2]:
-        argv = overrides if overrides and overrides[0].endswith(".yaml") else [MLP, *overrides]
-        proc = subprocess.run([sys.executable, "-m", "largebatch", "plan", *argv,
-                               "--world-size", "2"], capture_output=True, text=True,
-                              timeout=120, env=cli_env(), cwd=REPO)
+    cases = sample + [(f[0], f[1]) for f in files if "tag" in f[1]][:2]
+    argvs = [overrides if overrides and overrides[0].endswith(".yaml") else [MLP, *overrides]
+             for overrides, _ in cases]
+    # Ten independent processes, two at a time (each is mostly the interpreter's start-up).
+    procs = run_many([cli("plan", *argv, "--world-size", "2") for argv in argvs], timeout=120)
+    for (_, key), proc in zip(cases, procs):
         _check_one_line(proc.returncode, proc.stderr, key)

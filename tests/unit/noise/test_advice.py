@@ -11,7 +11,7 @@ from largebatch.config import ConfigError, load_config
 from largebatch.noise.advice import (NoiseEstimate, advise, candidate_batches, critical_batch,
                                      recommended_batch, samples_ratio, steps_ratio, summarize)
 from largebatch.plan import make_plan, noise_split
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS, cli, run_many
 
 SEED = CONFIGS / "mnist" / "seed.yaml"
 
@@ -130,26 +130,46 @@ def test_measurement_splits_a_one_micro_batch_window_as_the_plan_does(tmp_path, 
     assert f"micro {split[0]} x accum {split[1]} (global {global_size} unchanged)" in note
 
 
-def test_cli_bad_steps_is_one_line_and_exit_2():
-    proc = run_cli("noise-scale", str(SEED), "--steps", "1", timeout=120)
+@pytest.fixture(scope="module")
+def bad_cli() -> dict:
+    """The two refused ``largebatch noise-scale`` commands (no data read), once per module and
+    side by side (each is mostly the interpreter's start-up): name -> its ``Ran``."""
+    cmds = {"bad_steps": cli("noise-scale", str(SEED), "--steps", "1"),
+            "bad_batch": cli("noise-scale", str(SEED), "batch.global_size=250",
+                             "batch.micro_size=60")}
+    return dict(zip(cmds, run_many(list(cmds.values()), timeout=120)))
+
+
+@pytest.fixture(scope="module")
+def measured_cli(mnist_root) -> dict:
+    """The two measuring ``largebatch noise-scale`` runs on the real MNIST, once per module
+    and side by side (independent, one core each): name -> its ``Ran``."""
+    data = [f"data.root={mnist_root}", "data.download=false"]
+    cmds = {"measures": cli("noise-scale", str(SEED), "--steps", "30", "--json",
+                            "batch.global_size=240", "batch.micro_size=60", "data.subset=6000",
+                            "data.test_subset=1000", *data, "optim.scale_rule=linear"),
+            "splits": cli("noise-scale", str(SEED), "--steps", "10", "--json",
+                          "batch.global_size=240", "batch.micro_size=240", "data.subset=3000",
+                          "data.test_subset=500", *data)}
+    return dict(zip(cmds, run_many(list(cmds.values()), timeout=300)))
+
+
+def test_cli_bad_steps_is_one_line_and_exit_2(bad_cli):
+    proc = bad_cli["bad_steps"]
     assert proc.returncode == 2, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--steps=1" in lines[0] and ">= 2" in lines[0], proc
 
 
-def test_cli_bad_batch_is_one_line_and_exit_2():
-    proc = run_cli("noise-scale", str(SEED), "batch.global_size=250", "batch.micro_size=60",
-                   timeout=120)
+def test_cli_bad_batch_is_one_line_and_exit_2(bad_cli):
+    proc = bad_cli["bad_batch"]
     assert proc.returncode == 2, proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch.global_size=250" in lines[0], proc
 
 
-def test_cli_measures_a_finite_noise_scale_on_real_mnist(mnist_root, tmp_path):
-    proc = run_cli("noise-scale", str(SEED), "--steps", "30", "--json",
-                   "batch.global_size=240", "batch.micro_size=60", "data.subset=6000",
-                   "data.test_subset=1000", f"data.root={mnist_root}", "data.download=false",
-                   "optim.scale_rule=linear", timeout=300)
+def test_cli_measures_a_finite_noise_scale_on_real_mnist(measured_cli):
+    proc = measured_cli["measures"]
     assert proc.returncode == 0, proc
     out = json.loads(proc.stdout)  # stdout is the one object, nothing else
     est = out["noise_scale"]
@@ -163,11 +183,8 @@ def test_cli_measures_a_finite_noise_scale_on_real_mnist(mnist_root, tmp_path):
     assert rec["lr"] == pytest.approx(0.02 * rec["global_size"] / 240)  # linear from 240
 
 
-def test_cli_splits_a_one_micro_batch_window_and_says_so(mnist_root):
-    proc = run_cli("noise-scale", str(SEED), "--steps", "10", "--json",
-                   "batch.global_size=240", "batch.micro_size=240", "data.subset=3000",
-                   "data.test_subset=500", f"data.root={mnist_root}", "data.download=false",
-                   timeout=300)
+def test_cli_splits_a_one_micro_batch_window_and_says_so(measured_cli):
+    proc = measured_cli["splits"]
     assert proc.returncode == 0, proc
     out = json.loads(proc.stdout)
     assert out["split_window"] is True

@@ -21,7 +21,7 @@ from largebatch.config import ConfigError, load_config
 from largebatch.plan import BatchPlan
 from largebatch.policies.goodput import GoodputAdapter, efficiency, fit_line
 from tests._launch import spawn
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS, cli, run_many
 
 ALPHA, BETA, GAMMA = 0.002, 2e-5, 0.05
 SUBSET, MICRO, MAX_MICRO, LR = 3000, 30, 240, 0.05
@@ -307,20 +307,32 @@ def test_resume_at_another_world_size_keeps_the_adapted_batch(mnist_root: Path,
 
 
 # ---- bad input -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, words", [
+BAD_INPUT = [
     (["batch.micro_size=60"], "batch.accum_steps >= 2"),
     (["batch.adapt_max_micro=10"], "batch.adapt_max_micro=10"),
     (["batch.adapt_every_steps=0"], "batch.adapt_every_steps=0"),
     (["schedule.name=plateau", "schedule.plateau.action=grow_batch"], "grow_batch"),
     (["engine.name=deepspeed"], "deepspeed"),
     (["data.drop_last=true"], "data.drop_last"),
-])
-def test_bad_input_is_one_line_exit_2(mnist_root: Path, tmp_path: Path, args: list[str],
-                                      words: str) -> None:
-    proc = run_cli("train", "configs/mnist/mlp.yaml", f"data.root={mnist_root}",
-                   "data.download=false", "data.subset=600", "batch.global_size=60",
-                   "batch.micro_size=30", "batch.adapt=goodput", f"log.out_dir={tmp_path}",
-                   *args, timeout=120)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every BAD_INPUT run as a real process, once per module and two at a time (each is
+    mostly the interpreter's start-up): overrides tuple -> its ``Ran``."""
+    cmds = [cli("train", "configs/mnist/mlp.yaml", f"data.root={mnist_root}",
+                "data.download=false", "data.subset=600", "batch.global_size=60",
+                "batch.micro_size=30", "batch.adapt=goodput",
+                f"log.out_dir={tmp_path_factory.mktemp('bad')}", *args)
+            for args, _ in BAD_INPUT]
+    return {tuple(args): proc
+            for (args, _), proc in zip(BAD_INPUT, run_many(cmds, timeout=120))}
+
+
+@pytest.mark.parametrize("args, words", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2(bad_input_runs: dict, args: list[str], words: str) -> None:
+    proc = bad_input_runs[tuple(args)]
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and words in lines[0], proc.stderr

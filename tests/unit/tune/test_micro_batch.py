@@ -22,7 +22,7 @@ from largebatch.plan import micro_candidates
 from largebatch.tune import micro_batch, step_memory
 from largebatch.tune.micro_batch import CACHE_FILE, search
 from tests._launch import spawn
-from tests.conftest import CONFIGS, assert_same_weights, model_weights, run_cli
+from tests.conftest import CONFIGS, assert_same_weights, cli, model_weights, run_many
 
 MLP_YAML = str(CONFIGS / "mnist" / "mlp.yaml")  # hidden 64, SGD lr 0.05 momentum 0.9, seed 1
 HIDDEN = 64
@@ -144,13 +144,23 @@ def _agree(rank: int, world: int, root: str, out: str, budgets: list[float]) -> 
             "local_peak": run.plan.micro_auto["peak_bytes"], "samples": summary["samples"]}
 
 
+def _agree_each(rank: int, world: int, root: str, out: str,
+                cases: dict[str, list[float]]) -> dict[str, dict]:
+    """``_agree`` for each case in turn, in one launch (start-up paid once): name -> result."""
+    return {name: _agree(rank, world, root, str(Path(out) / name), budgets)
+            for name, budgets in cases.items()}
+
+
 def test_two_gloo_ranks_agree_on_one_micro_size(tmp_path, mnist_root):
     """Global 240 on 2 ranks: candidates divide 120. The same budget (between the peaks of 40
     and 60) gives 40 on both; with rank 1's budget below 40's peak, both take rank 1's 30."""
     same = (peak_reference(40) + peak_reference(60)) / 2 / MIB
     low = (peak_reference(30) + peak_reference(40)) / 2 / MIB
-    for name, budgets, micro in (("same", [same, same], 40), ("min", [same, low], 30)):
-        got = spawn(_agree, 2, str(mnist_root), str(tmp_path / name), budgets, timeout=180)
+    cases = {"same": ([same, same], 40), "min": ([same, low], 30)}
+    ranks = spawn(_agree_each, 2, str(mnist_root), str(tmp_path),
+                  {name: budgets for name, (budgets, _) in cases.items()}, timeout=180)
+    for name, (_, micro) in cases.items():
+        got = [results[name] for results in ranks]
         assert [g["micro"] for g in got] == [micro, micro], (name, got)
         assert [g["accum"] for g in got] == [240 // (2 * micro)] * 2
         assert all(g["samples"] == 2 * 240 for g in got)
@@ -158,16 +168,17 @@ def test_two_gloo_ranks_agree_on_one_micro_size(tmp_path, mnist_root):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, mnist_root):
     root = f"data.root={mnist_root}"
-    small = run_cli("train", MLP_YAML, root, "data.download=false", "data.subset=2400",
-                    "batch.micro_size=auto", "batch.memory_budget_mb=0.1",
-                    f"log.out_dir={tmp_path / 'small'}", "log.progress=false")
+    small, odd = run_many([  # two independent processes, side by side
+        cli("train", MLP_YAML, root, "data.download=false", "data.subset=2400",
+            "batch.micro_size=auto", "batch.memory_budget_mb=0.1",
+            f"log.out_dir={tmp_path / 'small'}", "log.progress=false"),
+        cli("plan", MLP_YAML, root, "batch.global_size=121", "batch.micro_size=auto",
+            "--world-size", "2")])
     assert small.returncode == 2, small
     lines = [ln for ln in small.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, small
     assert "batch.memory_budget_mb=0.1" in lines[0]
     assert f"{(peak_reference(1) + 4) / MIB:.2f} MiB" in lines[0]  # micro size 1's peak
-    odd = run_cli("plan", MLP_YAML, root, "batch.global_size=121", "batch.micro_size=auto",
-                  "--world-size", "2")
     assert odd.returncode == 2, odd
     lines = [ln for ln in odd.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "batch.global_size=121" in lines[0] and "world_size 2" in lines[0]
