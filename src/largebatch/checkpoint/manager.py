@@ -19,31 +19,29 @@ Layout of ``checkpoint.dir``::
 A set is written as: every rank writes and fsyncs its file into the temp dir; barrier; rank 0
 hashes every file, writes the manifest, fsyncs files and directory, renames the temp dir to its
 final name, fsyncs the parent, prunes to ``keep`` sets; barrier. A kill at any point leaves
-the previous sets untouched and at most a temp dir behind. Every load is
+the previous sets untouched and at most a temp dir behind. The barriers are max-reduces of
+"did a write fail here": a failed write on any rank (a full disk, a folder gone read-only)
+stops every rank with one line (``StorageError``, exit 74), the temp dir removed and the
+previous sets untouched (``checkpoint.publish``). Every load is
 ``torch.load(weights_only=True)`` of bytes whose sha256 matches the manifest, and every
 manifest is read against its schema (``checkpoint.meta``).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 from largebatch.checkpoint.branch import Change, check_branch
 from largebatch.checkpoint.meta import (DONE, MANIFEST, TRAINER_FILE, CorruptSet, DoneMarker,
-                                        FileEntry, SetInfo, rank_file)
-from largebatch.checkpoint.store import (CheckpointSet, _SET_NAME, _first_line, _remove,
-                                         _sha256_file, _warn, check_fresh, check_payload,
-                                         check_same_run, list_sets, newest_valid, quarantine,
-                                         read_set_file, verify_set)
+                                        SetInfo, rank_file)
+from largebatch.checkpoint.publish import prune_sets, publish_set, save_failed
+from largebatch.checkpoint.store import (CheckpointSet, _SET_NAME, _load_part, _remove, _warn,
+                                         check_fresh, check_payload, check_same_run,
+                                         newest_valid, quarantine, read_set_file, verify_set)
 from largebatch.config import ConfigError
 from largebatch.dist import rank_seed, seed_everything
-from largebatch.io import (fsync_dir, json_text, rng_state, set_rng_state, torch_bytes,
-                           write_durable, write_json_atomic)
+from largebatch.errors import StorageError
+from largebatch.io import rng_state, set_rng_state, torch_bytes, write_durable, write_json_atomic
 
 
 class Checkpointer:
@@ -115,24 +113,50 @@ class Checkpointer:
         shared = {name: part.state_dict() for name, part in self._parts.items()}
         shared.update({name: part.state_dict() for name, part in self._rank_parts.items()})
         own = {name: part.rank_state_dict() for name, part in self._rank_parts.items()}
-        tmp = self.directory / f".step-{step:06d}.tmp"
+        tmp, failed = self.directory / f".step-{step:06d}.tmp", None
         if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)  # a leftover of a launch killed while writing this step
-            tmp.mkdir()
-        self.barrier()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                _remove(tmp)  # a leftover of a launch killed while writing this step
+                tmp.mkdir()
+            except OSError as exc:
+                failed = exc
+        self._all_wrote(failed, tmp, step)
         files = {rank_file(self.rank): {"step": step, "rank": self.rank, "rng": rng_state(),
                                         **own}}
         if self.rank == 0:
             files[TRAINER_FILE] = shared
-        for name, obj in files.items():
-            write_durable(tmp / name, torch_bytes(obj))
-        self.barrier()  # every rank's file is complete and fsynced
+        try:
+            for name, obj in files.items():
+                write_durable(tmp / name, torch_bytes(obj))
+        except OSError as exc:  # a full disk, a folder gone read-only, a file size limit
+            failed = exc
+        self._all_wrote(failed, tmp, step)  # every rank's file is complete and fsynced
         if self.rank == 0:
-            self._last_name = self._publish(tmp, step, facts).name
-            self._prune()
+            try:
+                self._last_name = publish_set(tmp, self.directory, step, self.world_size,
+                                              self.config, facts).name
+                prune_sets(self.directory, self.keep)
+            except (OSError, ConfigError) as exc:  # (not agreed, the other ranks would hang)
+                failed = exc
+        self._all_wrote(failed, tmp, step)  # no rank moves on before the set is published
         self._last_step = step
-        self.barrier()  # no rank moves on (or exits) before the set is published
+
+    def _all_wrote(self, error: Optional[BaseException], tmp: Path, step: int) -> None:
+        """In place of a barrier: every rank learns whether a write of this set failed on
+        any rank (one max-reduce), and then all stop with one line: the temp set is removed
+        (its space given back), every earlier complete set is left as it was.
+
+        Raises:
+            StorageError: on every rank, when a write failed on any.
+        """
+        failed = [float(error is not None)]
+        if self.world_size > 1 and self.agree is not None:
+            failed = self.agree(failed)
+        else:
+            self.barrier()
+        if failed[0]:
+            raise save_failed(self.directory, tmp, step, self.rank, error)
 
     def mark_done(self, step: int, facts: dict[str, Any], summary: dict[str, Any]) -> None:
         """The run has finished: its final set (the state after the last step, before the
@@ -141,42 +165,14 @@ class Checkpointer:
         if self._last_step != step:  # the loop saves the last step; this is only a fallback
             self.save(step, facts)
         if self.rank == 0:
-            write_json_atomic(self.directory / DONE, {
-                "step": step, "set": self._last_name, "stop_reason": summary.get("stop_reason"),
-                "summary": summary})
-
-    def _publish(self, tmp: Path, step: int, facts: dict[str, Any]) -> Path:
-        """Rank 0: manifest with every file's sha256, then one rename makes the set visible."""
-        files = {}
-        for name in (TRAINER_FILE, *(rank_file(r) for r in range(self.world_size))):
-            f = tmp / name
-            if not f.is_file():  # every rank passed the barrier: it wrote elsewhere
-                raise ConfigError(f"checkpoint: {f} is missing after its rank wrote it; "
-                                  f"checkpoint.dir={self.directory} must be one filesystem "
-                                  f"that every rank sees (a shared path across nodes)")
-            files[name] = FileEntry(_sha256_file(f), f.stat().st_size)
-        info = SetInfo(step=step, world_size=self.world_size, epoch=int(facts["epoch"]),
-                       consumed=int(facts["consumed"]), files=files, config=self.config,
-                       plan=facts.get("plan"), created_unix=time.time(),
-                       torch=torch.__version__)
-        write_durable(tmp / MANIFEST, json_text(info.to_json()).encode())
-        fsync_dir(tmp)
-        target = self.directory / f"step-{step:06d}"
-        suffix = 0
-        while target.exists():  # the same step saved again: never overwrite a complete set
-            suffix += 1
-            target = self.directory / f"step-{step:06d}.{suffix}"
-        os.rename(tmp, target)
-        fsync_dir(self.directory)
-        return target
-
-    def _prune(self) -> None:
-        """Rank 0, after a set is complete: keep the newest ``keep`` sets."""
-        for old in list_sets(self.directory)[:-self.keep]:
-            trash = self.directory / f".{old.name}.trash"
-            os.rename(old.path, trash)  # out of the set namespace first: a kill mid-delete
-            shutil.rmtree(trash, ignore_errors=True)  # leaves no half set to resume from
-        fsync_dir(self.directory)
+            try:
+                write_json_atomic(self.directory / DONE, {
+                    "step": step, "set": self._last_name,
+                    "stop_reason": summary.get("stop_reason"), "summary": summary})
+            except OSError as exc:  # the run is not marked finished: status says resumable
+                raise StorageError(f"checkpoint.dir={self.directory}: writing {DONE} failed "
+                                   f"({exc.strerror or exc}); the final set {self._last_name} "
+                                   f"is complete (a relaunch finishes the run)") from None
 
     # ---- choosing a set to resume from ----------------------------------------------------
     def find(self, resume: str) -> Optional[CheckpointSet]:
@@ -381,17 +377,3 @@ class Checkpointer:
                       f"(finished before; training on to the new limit)", flush=True)
         return None
 
-
-def _load_part(where: Path, name: str, load: Callable[..., None], *state: Any,
-               reshard: bool = False) -> None:
-    """``load(*state)`` for part ``name`` of file ``where``; any failure is a corrupt set
-    naming both, except a resharding part's ``ConfigError`` (a refusal: its state cannot move
-    to another world size)."""
-    try:
-        load(*state)
-    except ConfigError as exc:
-        if reshard:
-            raise
-        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 (whatever a part's loader raises on bad state)
-        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None

@@ -16,7 +16,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -353,4 +353,17 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-# ---- the run's checkpointer ---------------------------------------------------------------
+def _load_part(where: Path, name: str, load: Callable[..., None], *state: Any,
+               reshard: bool = False) -> None:
+    """``load(*state)`` for part ``name`` of file ``where``; any failure is a corrupt set
+    naming both, except a resharding part's ``ConfigError`` (a refusal: its state cannot move
+    to another world size)."""
+    try:
+        load(*state)
+    except ConfigError as exc:
+        if reshard:
+            raise
+        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (whatever a part's loader raises on bad state)
+        raise CorruptSet(f"{where} part {name!r} does not load ({_first_line(exc)})") from None
+

@@ -2,18 +2,23 @@
 
 Each sub-command is a module in ``largebatch.cli`` (``COMMANDS``: name -> module) with ``HELP``,
 optional ``EXAMPLES``, ``add_arguments(parser)``, ``run(args) -> exit code`` and optional
-``HARD_EXIT``. Modules stay light to import (heavy imports go inside ``run``), so ``--help``
-and ``keys`` are fast. Bad input (a ``ConfigError``) is one line on stderr and exit code 2.
+``HARD_EXIT`` and ``EARLY_SIGNALS`` (a stop signal during start-up is kept for the trainer,
+``largebatch.signals``; other commands get the default handlers back). Modules stay light to
+import (heavy imports go inside ``run``), so ``--help`` and ``keys`` are fast. Bad input (a ``ConfigError``) is one line on stderr and exit code 2; a
+failed write (a full disk, a read-only folder) is one line and exit 74.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 from typing import Optional, Sequence
 
 from largebatch.config import ConfigError
+from largebatch.errors import STORAGE_EXIT_CODE
+from largebatch.signals import catch_early, release_early
 
 DESCRIPTION = ("Train with one global batch on 1..N processes (DDP, DeepSpeed), plan the batch "
                "arithmetic, run the MNIST batch-size study, list the config keys.")
@@ -67,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                              epilog=getattr(mod, "EXAMPLES", None),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(cmd)
-        cmd.set_defaults(run_command=mod.run, hard_exit=getattr(mod, "HARD_EXIT", False))
+        cmd.set_defaults(run_command=mod.run, hard_exit=getattr(mod, "HARD_EXIT", False),
+                         early_signals=getattr(mod, "EARLY_SIGNALS", False))
     return p
 
 
@@ -95,6 +101,17 @@ def _all_ranks_printed() -> None:
             torch_dist.barrier()
         except RuntimeError:  # a rank is gone after all: nothing left to wait for
             pass
+
+
+#: The errors of a write that failed for want of room or permission on the storage: the
+#: run stops in one line with exit ``STORAGE_EXIT_CODE`` instead of a traceback.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _storage_line(exc: OSError) -> str:
+    """The one line of a failed write: the file and the reason."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"a write failed: {exc.strerror or exc}{where}; earlier checkpoint sets are intact"
 
 
 def _hard_exit(code: int) -> None:
@@ -136,10 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             which exits hard after a command with ``HARD_EXIT``).
 
     Raises:
-        SystemExit: always, with the command's exit code (2 for bad input, 130 on Ctrl-C).
+        SystemExit: always, with the command's exit code (2 for bad input, 74 for a failed
+            write, 130 on Ctrl-C).
     """
-    parser = _parser()
     real_process = argv is None
+    if real_process:  # (the console script comes here first) a stop signal is remembered
+        catch_early()
+    parser = _parser()
     argv = _adopt_local_rank(list(sys.argv[1:] if argv is None else argv))
     # Options may come after the overrides (`plan cfg.yaml a=1 --json`): collect leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -150,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.overrides = list(args.overrides) + extra
     # A real process (not a test calling main([...])) that trained exits hard once flushed.
     hard = real_process and args.hard_exit
+    if not args.early_signals:  # only a training run turns a stop signal into a checkpoint
+        release_early()
     try:
         code = args.run_command(args)
     except ConfigError as exc:
@@ -157,15 +179,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # writes the text and the newline separately, so two ranks' lines could interleave.
         sys.stderr.write(f"largebatch: error: {_capped(str(exc))}\n")
         sys.stderr.flush()
-        code = 2
+        code = exc.exit_code  # 2: bad input; 74: a write failed (StorageError)
         if getattr(exc, "all_ranks", False):
             _all_ranks_printed()
-    except KeyboardInterrupt:
-        print("largebatch: interrupted", file=sys.stderr)
-        code = 130
     except BrokenPipeError:  # `largebatch keys | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # A write no StorageError names (e.g. a metrics line on a full disk): one line too.
+        sys.stderr.write(f"largebatch: error: {_capped(_storage_line(exc))}\n")
+        sys.stderr.flush()
+        code = STORAGE_EXIT_CODE
+    except KeyboardInterrupt:
+        print("largebatch: interrupted", file=sys.stderr)
+        code = 130
     if hard:
         _hard_exit(code)
     sys.exit(code)

@@ -14,9 +14,13 @@ examples:
   torchrun --standalone --nproc_per_node 4 -m largebatch train configs/mnist/seed.yaml \\
       batch.global_size=240 engine.name=ddp
 
-Writes log.out_dir/{plan.json,config.json,metrics.jsonl,summary.json,model.pt}."""
+Writes log.out_dir/{plan.json,config.json,metrics.jsonl,summary.json,model.pt}.
+Exit codes: 0 done or pre-empted with a checkpoint set saved; 2 bad input, the output folder
+in use by another run or unusable; 74 a write failed mid-run (earlier sets intact)."""
 #: A finished process exits without interpreter teardown (see ``largebatch.cli.main``).
 HARD_EXIT = True
+#: A SIGTERM/SIGUSR1 during start-up is kept: the run checkpoints at its first step and exits 0.
+EARLY_SIGNALS = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

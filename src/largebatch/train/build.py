@@ -16,13 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from largebatch.checkpoint import Checkpointer, branch, check_fresh, save_checkpoint
+from largebatch.checkpoint import Checkpointer, branch, check_fresh, list_sets, save_checkpoint
 from largebatch.config import Config, ConfigError, to_dict
 from largebatch.data.loaders import Resizable
 from largebatch.data.registry import build_loaders, dataset, dataset_size
 from largebatch.dist import (DistEnv, check_launch, detect_launch, init_process_group,
                              pick_device, rank_seed, seed_everything)
 from largebatch.engines import Engine, build_engine
+from largebatch.errors import StorageError
 from largebatch.metrics import MetricsLogger, check_wandb_online
 from largebatch.noise.scale import NoiseScaleMonitor
 from largebatch.optim import build_optimizer
@@ -31,9 +32,11 @@ from largebatch.plan import BatchPlan, make_plan, scaled_lr
 from largebatch.policies.base import Policies
 from largebatch.policies.goodput import build_goodput
 from largebatch.policies.plateau import build_plateau
+from largebatch.signals import release_early
 from largebatch.tasks import Task, build_task
 from largebatch.train.agreement import check_ranks_agree, run_facts
 from largebatch.train.preemption import watch_preemption
+from largebatch.train.storage import check_storage, claim_output, needed_bytes, param_bytes
 from largebatch.train.trainer import Trainer
 
 
@@ -94,6 +97,10 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     task = build_task(cfg)
     engine = _build_engine(cfg, denv, device, plan, task)
     checkpointer = make_checkpointer(cfg, denv, engine, quiet)
+    # Before anything is written: the folders made, written to and measured (one line on
+    # every rank, exit 2, instead of a traceback at the first save after the compute is spent).
+    check_storage(storage_needs(cfg, engine, denv, checkpointer is not None), denv.is_main,
+                  device)
     source = None if checkpointer is None else checkpointer.find(cfg.checkpoint.resume)
     if cfg.batch.micro_size == "auto":  # before the schedule and loaders, which need the size
         plan = auto_micro_plan(cfg, denv, device, engine, task, plan, source)
@@ -128,6 +135,8 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
             source = checkpointer.loaded  # an earlier set if that one was corrupt
             adopt_config(cfg, checkpointer, trainer, engine, built, denv.is_main and not quiet)
         watch_preemption(trainer)
+    else:  # no set to stop with: a stop signal ends the process, as it always did
+        release_early()
     if cfg.optim.lr == "auto":  # the range test picks the peak LR; a resumed run keeps its own
         from largebatch.tune.lr_auto import resolve_lr
         plan = resolve_lr(cfg, trainer, denv.is_main, source, quiet)
@@ -254,6 +263,21 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.log.out_dir) / "checkpoints"
 
 
+def storage_needs(cfg: Config, engine: Engine, denv: DistEnv,
+                  writes_sets: bool) -> dict[str, tuple[Path, int]]:
+    """``{field: (folder, bytes the run writes there at most at once)}``: ``log.out_dir``
+    (``model.pt``) and, for a run that writes sets, the checkpoint folder (``storage``)."""
+    sharded = [p for m in engine.sharded.modules for p in m.parameters()]
+    params = param_bytes(engine.unwrapped().parameters(), sharded, denv.world_size)
+    needs = {"log.out_dir": (Path(cfg.log.out_dir), params)}
+    if writes_sets:
+        directory = checkpoint_dir(cfg)
+        present = len(list_sets(directory)) if denv.is_main else 0
+        needs["checkpoint.dir"] = (directory, needed_bytes(params, cfg.checkpoint.keep,
+                                                           present))
+    return needs
+
+
 def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
                       quiet: bool = False) -> Optional[Checkpointer]:
     """The run's checkpointer, in checkpoint.dir (default: log.out_dir/checkpoints).
@@ -278,10 +302,19 @@ def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[s
     """Write summary.json and the final weights (rank 0), close the metrics sinks."""
     summary["engine"] = run.engine.name
     summary["world_size"] = run.denv.world_size
-    run.logger.write_json("summary.json", summary)
     state = run.engine.state_dict()  # may be a collective (ZeRO): every rank calls it
     if run.denv.is_main:
-        save_checkpoint(Path(run.cfg.log.out_dir) / "model.pt", {"model": state["model"]})
+        try:
+            run.logger.write_json("summary.json", summary)
+            save_checkpoint(Path(run.cfg.log.out_dir) / "model.pt", {"model": state["model"]})
+        except OSError as exc:  # the final set is complete; status says resumable
+            # An earlier run's model.pt (this one trained on from it) must not pass for this
+            # run's: without it status says resumable, and a relaunch writes the weights.
+            (Path(run.cfg.log.out_dir) / "model.pt").unlink(missing_ok=True)
+            raise StorageError(f"log.out_dir={run.cfg.log.out_dir}: writing the final "
+                               f"weights failed ({exc.strerror or exc}: {exc.filename}); the "
+                               f"final checkpoint set is complete (a relaunch writes them)") \
+                from None
     run.logger.close(summary)
     if run.denv.is_main and not quiet:
         finals = tuple(f"final_{m.name}" for m in run.trainer.task.metrics)
@@ -292,6 +325,15 @@ def finish_run(run: Run, summary: dict[str, Any], quiet: bool = False) -> dict[s
 
 
 def train(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) -> dict[str, Any]:
-    """Train one run described by ``cfg``; returns the summary (also written to summary.json)."""
-    run = build_run(cfg, denv, quiet)
-    return finish_run(run, run.trainer.fit(), quiet)
+    """Train one run described by ``cfg``; returns the summary (also written to summary.json).
+
+    Rank 0 holds the lock on ``log.out_dir`` from before anything is built until the run
+    returns (``storage.claim_output``): a second run into the folder stops in one line.
+    """
+    denv, device = setup_runtime(cfg, denv)
+    lock = claim_output(Path(cfg.log.out_dir), denv.is_main, device)
+    try:
+        run = build_run(cfg, denv, quiet)
+        return finish_run(run, run.trainer.fit(), quiet)
+    finally:
+        lock.release()

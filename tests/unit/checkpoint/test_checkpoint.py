@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from largebatch.checkpoint import manager as ckmod
+from largebatch.checkpoint import publish as pubmod  # (the rename and the pruning)
 from largebatch.checkpoint import (Checkpointer, list_sets, load_checkpoint, rank_file,
                                    verify_set)
 from largebatch.config import ConfigError
@@ -125,7 +126,7 @@ def test_keep_prunes_only_once_the_newer_set_is_complete(tmp_path, monkeypatch):
         complete_at_delete.append([s.name for s in list_sets(tmp_path)
                                    if _verifies(s.path)])
         real_rmtree(path, *a, **k)
-    monkeypatch.setattr(ckmod.shutil, "rmtree", spy)
+    monkeypatch.setattr(pubmod.shutil, "rmtree", spy)
     _saved(tmp_path, 5, keep=2)
     assert [s.name for s in list_sets(tmp_path)] == ["step-000004", "step-000005"]
     # Each deletion (of steps 1, 2, 3) happened with the two newer sets already complete.
@@ -165,12 +166,12 @@ def _arm_kill(kill: str, rank: int) -> None:
             if Path(src).name == ".step-000004.tmp":
                 die()
             real(src, dst)
-        ckmod.os.rename = rename
+        pubmod.os.rename = rename
     elif kill == "rank0_mid_prune" and rank == 0:
         def rmtree(path, *a, **k):
             next(Path(path).iterdir()).unlink()  # one file of the old set gone, then death
             die()
-        ckmod.shutil.rmtree = rmtree
+        pubmod.shutil.rmtree = rmtree
 
 
 def _rank_main(rank: int, world: int, directory: str, kill: str, phase: str) -> None:
