@@ -345,6 +345,8 @@ class ArmConfig:
     name: str = doc("Arm name shown in the report.", "seed")
     config: Optional[str] = doc("Config file for this arm (relative to the study config).", None)
     overrides: list[str] = doc("key=value overrides for this arm.", factory=list)
+    sizes: str = doc("Batch sizes of the sweep this arm runs: 'all', 'smallest' (e.g. an "
+                     "adaptive batch started there) or 'largest' (e.g. a head variant).", "all")
 
 
 @dataclass
@@ -363,6 +365,15 @@ class StudyConfig:
                             "the smallest prime factor of B; the global batch unchanged). The "
                             "timing passes stay micro B x accum 1.", True)
     quick: bool = doc("A small, fast study (data subset, fewer batch sizes, few epochs).", False)
+    quick_overrides: list[str] = doc("key=value overrides applied under study.quick=true, "
+                                     "over the study file and under the command line (e.g. "
+                                     "fewer identities for the face study).", factory=list)
+    stop_at_target: bool = doc("Stop a convergence run when it reaches train.target_acc; "
+                               "false: every run trains its whole epoch budget (same epochs "
+                               "per arm) and the target is only recorded.", True)
+    max_micro: Optional[int] = doc("Largest micro batch of a run (null: the whole batch); a "
+                                   "larger batch accumulates micro-batches of at most this "
+                                   "size, as the plan's micro sizes allow.", None)
 
 
 @dataclass

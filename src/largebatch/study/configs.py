@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 from largebatch.config import ArmConfig, Config, ConfigError, load_config, to_dict
 from largebatch.io import set_dotted
-from largebatch.plan import BatchPlan, noise_split, resolve_batch
+from largebatch.plan import BatchPlan, micro_candidates, noise_split, resolve_batch
 from largebatch.study.sweep import (TIMING_MIN_STEPS, TIMING_SAMPLES, TIMING_TEST_SUBSET, RunSpec,
-                                    Sweep)
+                                    Sweep, arm_sizes)
 
 
 def arm_file(arm: ArmConfig, config_dir: Path) -> Optional[Path]:
@@ -38,12 +38,23 @@ def arm_mapping(cfg: Config, arm: ArmConfig, config_dir: Path,
     return to_dict(cfg_arm)
 
 
+def capped_split(batch_size: int, world_size: int, max_micro: Optional[int]) -> tuple[int, int]:
+    """``(micro, accum)`` of a run: one micro-batch per rank per step, or under
+    ``study.max_micro`` the largest micro size the plan allows that keeps the batch."""
+    _, micro, accum = resolve_batch(batch_size, None, 1, world_size)  # one micro per step
+    if max_micro is not None and micro > max_micro:
+        micro = max(m for m in micro_candidates(batch_size, world_size) if m <= max_micro)
+        _, micro, accum = resolve_batch(batch_size, micro, None, world_size)
+    return micro, accum
+
+
 def _common(mapping: dict[str, Any], sweep: Sweep, batch_size: int, world_size: int,
             out: Path) -> dict[str, Any]:
     """The keys every run of one (arm, batch size) shares: the batch without accumulation
-    (one micro-batch per rank per step), the data subsets, no resume, the output folder."""
+    (one micro-batch per rank per step; under ``study.max_micro`` accumulated micro-batches),
+    the data subsets, no resume, the output folder."""
     m = copy.deepcopy(mapping)
-    _, micro, _ = resolve_batch(batch_size, None, 1, world_size)  # one micro per step
+    micro, _ = capped_split(batch_size, world_size, sweep.max_micro)
     set_dotted(m, "batch.global_size", batch_size)
     set_dotted(m, "batch.micro_size", micro)
     set_dotted(m, "batch.accum_steps", None)
@@ -65,6 +76,9 @@ def train_config(mapping: dict[str, Any], sweep: Sweep, batch_size: int, world_s
     ``study.noise_scale`` the window split the plan gives for measuring B_simple."""
     m = _common(mapping, sweep, batch_size, world_size, out)
     split = noise_split(batch_size, world_size) if sweep.noise_scale else None
+    capped = capped_split(batch_size, world_size, sweep.max_micro)
+    if split is not None and capped[1] > 1:  # accumulating anyway: its micro-batches measure
+        split = capped
     set_dotted(m, "train.noise_scale", split is not None)
     if split is not None:
         set_dotted(m, "batch.micro_size", split[0])
@@ -72,7 +86,7 @@ def train_config(mapping: dict[str, Any], sweep: Sweep, batch_size: int, world_s
     set_dotted(m, "train.epochs", sweep.max_epochs)
     set_dotted(m, "train.time_budget_s", sweep.budget_s)
     set_dotted(m, "train.target_acc", sweep.target_acc)
-    set_dotted(m, "train.stop_at_target", sweep.target_acc > 0)
+    set_dotted(m, "train.stop_at_target", sweep.stop_at_target and sweep.target_acc > 0)
     set_dotted(m, "train.eval_every_samples", sweep.eval_every_samples)
     set_dotted(m, "log.every_steps", 1)  # the loss of every iteration (oscillation figure)
     return load_config(base=m)
@@ -92,6 +106,7 @@ def timing_config(mapping: dict[str, Any], sweep: Sweep, batch_size: int, world_
     set_dotted(m, "train.stop_at_target", False)
     set_dotted(m, "train.eval_every_samples", 0)
     set_dotted(m, "train.noise_scale", False)  # Claim A times the plain step: micro B x accum 1
+    set_dotted(m, "batch.adapt", "none")  # the step at this batch, not an adaptive one's
     # Per-step JSON lines and a progress bar would be neither data nor compute time.
     set_dotted(m, "log.every_steps", 10 ** 9)
     set_dotted(m, "log.progress", False)
@@ -122,9 +137,7 @@ def prepare_runs(cfg: Config, sweep: Sweep, config_dir: Path, cli_overrides: lis
             notes.append(f"arm '{arm.name}' skipped: its config file {path} does not exist")
             continue
         mapping = arm_mapping(cfg, arm, config_dir, cli_overrides)
-        for b in sweep.batch_sizes:
-            if b in sweep.skipped:
-                continue
+        for b in arm_sizes(sweep, arm.sizes):
             run_dir = out_dir / arm.name / f"bs{b}"
             train_cfg = train_config(mapping, sweep, b, world_size, run_dir)
             spec = RunSpec(arm.name, b, train_cfg, plan_for(train_cfg, world_size))

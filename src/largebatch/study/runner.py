@@ -33,13 +33,14 @@ import platform
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from largebatch.config import Config, ConfigError
+from largebatch.config import Config, ConfigError, load_config, to_dict
 from largebatch.dist import DistEnv, detect_launch
 from largebatch.study.configs import prepare_runs
+from largebatch.study.face_measure import TAR_KEY, face_columns, face_curve, primary_metric
 from largebatch.study.measure import (convergence_columns, noise_columns, primary_timing,
                                       read_metrics, skipped_row, timing_columns)
 from largebatch.study.sweep import TIMING_MIN_STEPS, RunSpec, Sweep, make_sweep
@@ -60,10 +61,15 @@ def run_one(spec: RunSpec, sweep: Sweep,
     if not denv.is_main:
         return None
     records = read_metrics(spec.train_cfg.log.out_dir)
-    cols, losses, evals = convergence_columns(summary, records, spec, sweep)
+    cols, losses, evals = convergence_columns(summary, records, spec, sweep,
+                                              primary_metric(spec.train_cfg))
     noise_cols, noise_curve = noise_columns(records, spec.train_cfg.train.noise_scale)
     row = {**cols, **noise_cols, **timing, "accum_steps": spec.plan.accum_steps,
            "timing_micro_size": tplan.micro_size, "timing_accum_steps": tplan.accum_steps}
+    if spec.train_cfg.task.name == "face":
+        row.update(face_columns(summary, records, spec.train_cfg, spec.plan))
+        for point, face in zip(evals, face_curve(records)):
+            point[TAR_KEY] = face[TAR_KEY]
     row.update(primary_timing(row, spec.train_cfg.data.loader, sweep.loaders))
     return row, losses, evals, noise_curve
 
@@ -120,6 +126,15 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def report_writer(cfg: Config) -> Callable[..., dict]:
+    """The report of the study's task: the face study's (``face_report``) or MNIST's."""
+    if cfg.task.name == "face":
+        from largebatch.study.face_report import write_face_report
+        return write_face_report
+    from largebatch.study.report import write_report
+    return write_report
+
+
 def run_study(cfg: Config, config_path: Optional[str] = None,
               overrides: Optional[list[str]] = None,
               denv: Optional[DistEnv] = None) -> list[dict]:
@@ -136,6 +151,8 @@ def run_study(cfg: Config, config_path: Optional[str] = None,
     """
     start = time.perf_counter()
     overrides = list(overrides or [])
+    if cfg.study.quick and cfg.study.quick_overrides:  # under the command line's overrides
+        cfg = load_config(None, list(cfg.study.quick_overrides) + overrides, base=to_dict(cfg))
     denv = denv or detect_launch()
     sweep = make_sweep(cfg, denv.world_size)
     out_dir = Path(cfg.log.out_dir)
@@ -174,7 +191,6 @@ def run_study(cfg: Config, config_path: Optional[str] = None,
             "plans": [plan_record(s) for s in specs],
             "notes": notes, "environment": environment(),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    from largebatch.study.report import write_report
-    paths = write_report(out_dir, rows, curves, evals, meta, noise)
+    paths = report_writer(cfg)(out_dir, rows, curves, evals, meta, noise)
     say(f"study: done in {meta['wall_s']:.0f} s; report {paths['md']}")
     return rows

@@ -27,6 +27,7 @@ QUICK_BUDGET_S = 30.0
 QUICK_TARGET = 0.90  # 98% is out of reach on a 6000-sample subset in two epochs
 QUICK_EVALS_PER_EPOCH = 5
 QUICK_FALLBACK_SIZES = [6, 60, 600]
+ARM_SIZES = ("all", "smallest", "largest")  # which of the sweep's batch sizes an arm runs
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Sweep:
     quick: bool
     noise_scale: bool = False
     timing_samples: int = TIMING_SAMPLES
+    stop_at_target: bool = True
+    max_micro: Optional[int] = None
 
 
 @dataclass
@@ -86,7 +89,22 @@ def _check_study(cfg: Config) -> tuple[list[int], list[str]]:
     for loader in loaders:
         if loader not in ("memory", "torch"):
             raise ConfigError(f"study.loaders: {loader!r} is not one of memory|torch")
+    if st.max_micro is not None and st.max_micro < 1:
+        raise ConfigError(f"study.max_micro={st.max_micro} must be >= 1 (or null)")
+    for arm in st.arms:
+        if arm.sizes not in ARM_SIZES:
+            raise ConfigError(f"study.arms: arm '{arm.name}' sizes={arm.sizes!r} is not one of "
+                              f"{'|'.join(ARM_SIZES)}")
     return sizes, loaders
+
+
+def arm_sizes(sweep: Sweep, which: str) -> list[int]:
+    """The sweep's batch sizes an arm runs (``ArmConfig.sizes``): all, the smallest or the
+    largest of those this launch can run."""
+    runnable = [b for b in sweep.batch_sizes if b not in sweep.skipped]
+    if which == "all" or not runnable:
+        return runnable
+    return [min(runnable)] if which == "smallest" else [max(runnable)]
 
 
 def make_sweep(cfg: Config, world_size: int) -> Sweep:
@@ -114,4 +132,5 @@ def make_sweep(cfg: Config, world_size: int) -> Sweep:
                  target_acc=target, eval_every_samples=every, subset=subset,
                  test_subset=test_subset, loaders=loaders, loss_iters=st.loss_iters,
                  quick=st.quick, noise_scale=st.noise_scale,
-                 timing_samples=QUICK_TIMING_SAMPLES if st.quick else TIMING_SAMPLES)
+                 timing_samples=QUICK_TIMING_SAMPLES if st.quick else TIMING_SAMPLES,
+                 stop_at_target=st.stop_at_target, max_micro=st.max_micro)
