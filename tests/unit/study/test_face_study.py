@@ -206,4 +206,4 @@ def test_config_errors_and_the_capped_micro():
     assert [b for a, b in got if a == "pfc_0.1"] == [16384]
     big = next(s for s in specs if s.arm == "goyal" and s.batch_size == 16384)
     assert (big.plan.micro_size, big.plan.accum_steps) == (1024, 16)
-    assert not big.train_cfg.train.stop_at_target and big.train_cfg.train.epochs == 6
+    assert not big.train_cfg.train.stop_at_target and big.train_cfg.train.epochs == 5
