@@ -1,16 +1,18 @@
-"""``largebatch study CONFIG [key=value...]``: run the MNIST batch-size study, write its report."""
+"""``largebatch study CONFIG [key=value...]``: run a batch-size study (MNIST or faces), write its
+report."""
 from __future__ import annotations
 
 import argparse
 
 from largebatch.cli.args import add_config_arguments
 
-HELP = "run the MNIST batch-size study"
+HELP = "run a batch-size study (MNIST or faces)"
 EXAMPLES = """\
 examples:
   largebatch study configs/mnist/study.yaml                      # the full sweep, < 1 h on 2 cores
   largebatch study configs/mnist/study.yaml study.quick=true     # a smoke version, ~1 min
   largebatch study configs/mnist/study.yaml study.batch_sizes=[60,600] log.out_dir=runs/s2
+  largebatch study configs/face/study.yaml                       # faces: 20,000 ids, bs 128..16384
 
 Writes log.out_dir/study.md with its table, figures and verdicts."""
 #: A finished process exits without interpreter teardown (see ``largebatch.cli.main``).

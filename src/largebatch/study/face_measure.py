@@ -44,7 +44,7 @@ def head_cost(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
 
 
 def batch_path(records: list[dict[str, Any]], plan: BatchPlan) -> dict[str, Any]:
-    """The global batch a run ended at and its sample-weighted mean over the run's steps
+    """The global batch a run ended at and its mean over the run's logged steps
     (the configured one when the plan never changed: only ``batch.adapt`` changes it)."""
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
     changes = sorted((r for r in records if r["kind"] == "plan_change"),

@@ -8,7 +8,7 @@ over the first updates, B_simple across training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from largebatch.study._util import finite
 from largebatch.study._util import fmt as _fmt
@@ -33,7 +33,8 @@ def face_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("status") != "ran":
-            cells = [r["arm"], str(r["batch_size"])] + ["—"] * (len(head) - 3) + [r.get("note", "")]
+            blank = ["—"] * (len(head) - 3)
+            cells = [r["arm"], str(r["batch_size"])] + blank + [r.get("note", "")]
         else:
             cells = [r["arm"], str(r["batch_size"]), _fmt(r["lr"], ".3g"),
                      f"{r['micro_size']} x {r['accum_steps']}", _fmt(r["epochs_run"], ".2f"),
@@ -151,5 +152,3 @@ def write_face_report(out_dir: Path, rows: list[dict], curves: dict, evals: dict
     paths["md"].write_text(markdown(rows, meta, judged, figures))
     return paths
 
-
-__all__: list[Any] = ["write_face_report", "face_table"]

@@ -110,7 +110,8 @@ def largest_kept(rows: list[dict], ref: float) -> tuple[FaceVerdict, FaceVerdict
     best = best_recipe(rows)
     v = FaceVerdict("largest_kept", f"Largest batch within {TOL * 100:g} point of the best "
                     f"small batch", "")
-    v.lines = [f"best recipe: {', '.join(f'bs {b}: {a:.4f} ({arm})' for b, (a, arm) in best.items())}"]
+    v.lines = ["best recipe: " + ", ".join(f"bs {b}: {a:.4f} ({arm})"
+                                          for b, (a, arm) in best.items())]
     kept = [b for b, (a, _) in best.items() if a >= ref - TOL]
     top = max(kept) if kept else None
     v.numbers = {"largest_batch": top, "arm": best[top][1] if top else None,
@@ -174,9 +175,8 @@ def noise_pays(rows: list[dict], ref: float, kept: Optional[int]) -> FaceVerdict
     b_noise = vals[len(vals) // 2]
     v.lines = [f"{arm}: late B_simple " + ", ".join(f"{_fmt(r['noise_scale_late'])} (bs "
                                                   f"{r['batch_size']})" for r in pts)]
-    best = best_recipe(rows)
-    beyond = [b for b in best if kept is not None and b > kept]
-    measured = min(beyond) if beyond else None
+    beyond = [b for b in best_recipe(rows) if kept is None or b > kept]
+    measured = min(beyond) if beyond else None  # the first batch the best recipe loses at
     v.numbers = {"arm": arm, "b_simple": b_noise, "measured_stop": measured}
     if measured is None:
         v.answer = (f"B_simple ~{b_noise:.3g} (median late value, arm {arm}); the accuracy kept "

@@ -126,6 +126,14 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def quick_config(cfg: Config, overrides: list[str]) -> Config:
+    """The study config under ``study.quick=true``: ``study.quick_overrides`` applied over it,
+    the command line's ``overrides`` again over them (the command line wins)."""
+    if not (cfg.study.quick and cfg.study.quick_overrides):
+        return cfg
+    return load_config(None, list(cfg.study.quick_overrides) + list(overrides), base=to_dict(cfg))
+
+
 def report_writer(cfg: Config) -> Callable[..., dict]:
     """The report of the study's task: the face study's (``face_report``) or MNIST's."""
     if cfg.task.name == "face":
@@ -151,8 +159,7 @@ def run_study(cfg: Config, config_path: Optional[str] = None,
     """
     start = time.perf_counter()
     overrides = list(overrides or [])
-    if cfg.study.quick and cfg.study.quick_overrides:  # under the command line's overrides
-        cfg = load_config(None, list(cfg.study.quick_overrides) + overrides, base=to_dict(cfg))
+    cfg = quick_config(cfg, overrides)
     denv = denv or detect_launch()
     sweep = make_sweep(cfg, denv.world_size)
     out_dir = Path(cfg.log.out_dir)

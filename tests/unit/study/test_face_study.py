@@ -17,6 +17,8 @@ import pytest
 from largebatch.config import ConfigError, load_config
 from largebatch.study import face_verdicts as fv
 from largebatch.study.configs import capped_split, prepare_runs
+from largebatch.study.face_measure import batch_path
+from largebatch.study.runner import quick_config
 from largebatch.study.sweep import make_sweep
 from tests.conftest import CONFIGS, run_cli
 
@@ -207,3 +209,23 @@ def test_config_errors_and_the_capped_micro():
     big = next(s for s in specs if s.arm == "goyal" and s.batch_size == 16384)
     assert (big.plan.micro_size, big.plan.accum_steps) == (1024, 16)
     assert not big.train_cfg.train.stop_at_target and big.train_cfg.train.epochs == 5
+
+
+def test_quick_overrides_under_the_command_line():
+    cli = ["study.quick=true", "face.eval_pairs=600"]
+    cfg = quick_config(load_config(STUDY, cli), cli)
+    assert cfg.face.num_classes == 2000 and cfg.study.batch_sizes == [128, 512]
+    assert cfg.face.eval_pairs == 600  # the command line wins over study.quick_overrides
+    full = load_config(STUDY)
+    assert quick_config(full, []) is full and full.face.num_classes == 20000
+
+
+def test_batch_path_follows_the_plan_changes():
+    cfg = load_config(STUDY)
+    specs, _ = prepare_runs(cfg, make_sweep(cfg, 1), STUDY.parent, [], Path("/tmp/x"), 1)
+    plan = next(s.plan for s in specs if s.arm == "goodput")
+    recs = ([{"kind": "train", "step": k} for k in range(1, 5)]
+            + [{"kind": "plan_change", "step": 2, "global_size": 512}])
+    # steps 1-2 at 128 (the change after step 2 applies from step 3), steps 3-4 at 512
+    assert batch_path(recs, plan) == {"final_global_size": 512, "mean_global_size": 320.0}
+    assert batch_path(recs[:4], plan)["final_global_size"] == 128
