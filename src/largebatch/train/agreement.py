@@ -31,7 +31,11 @@ from largebatch.io import json_text
 LOCAL_KEYS = ("data.root", "data.mirror", "data.download", "data.num_workers",
               "face.val_root", "train.device",
               # a rank's own memory: batch.micro_size=auto agrees on the smallest fit itself
-              "batch.memory_budget_mb", "batch.memory_fraction")
+              "batch.memory_budget_mb", "batch.memory_fraction",
+              # only rank 0 writes the run's files there (lr-find and noise-scale give each
+              # rank its own scratch folder); the checkpoint folder every rank writes its shards
+              # to is compared as ``checkpoint.folder`` (train/build.py)
+              "log.out_dir")
 #: Bytes of each data file that enter its checksum (with its size).
 HEAD_BYTES = 1 << 16
 #: Keys shown in the error line, at most (the rest are counted).

@@ -88,8 +88,11 @@ def build_run(cfg: Config, denv: Optional[DistEnv] = None, quiet: bool = False) 
     plan = plan_for(cfg, denv.world_size)  # micro_size=auto: provisional until the search
     # Every rank must run the same experiment on the same data: one collective, before any
     # model is built (a mismatch is one line on every rank, naming the keys, exit 2).
-    check_ranks_agree(run_facts(to_dict(cfg), plan.to_json(), plan.dataset_size,
-                                dataset(cfg.data.name).data_files(cfg)), device)
+    facts = run_facts(to_dict(cfg), plan.to_json(), plan.dataset_size,
+                      dataset(cfg.data.name).data_files(cfg))
+    if writes_sets(cfg):  # every rank writes its shards there: one folder for all
+        facts["checkpoint.folder"] = str(checkpoint_dir(cfg))
+    check_ranks_agree(facts, device)
     check_wandb_online(cfg.log.wandb.mode)  # on every rank: no rank may wait for a failed one
     # Same seed on every rank for the model init (DDP would broadcast anyway), then a per-rank
     # stream so dropout masks differ across ranks like they would across samples.
@@ -278,6 +281,12 @@ def storage_needs(cfg: Config, engine: Engine, denv: DistEnv,
     return needs
 
 
+def writes_sets(cfg: Config) -> bool:
+    """Whether the run has a checkpointer (see ``make_checkpointer``)."""
+    ck = cfg.checkpoint
+    return not (ck.resume == "never" and ck.dir is None and not ck.every_steps)
+
+
 def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
                       quiet: bool = False) -> Optional[Checkpointer]:
     """The run's checkpointer, in checkpoint.dir (default: log.out_dir/checkpoints).
@@ -289,7 +298,7 @@ def make_checkpointer(cfg: Config, denv: DistEnv, engine: Engine,
     """
     ck = cfg.checkpoint
     directory = checkpoint_dir(cfg)
-    if ck.resume == "never" and ck.dir is None and not ck.every_steps:
+    if not writes_sets(cfg):
         check_fresh(directory)
         return None
     return Checkpointer(directory, denv.rank, denv.world_size, engine.barrier,

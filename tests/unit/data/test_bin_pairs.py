@@ -365,7 +365,7 @@ def test_make_bin_bad_input_is_one_line_exit_2(pairs_dir):
     assert not (root / "x.bin").exists()
     cases = {"a/1.jpg a/2.png maybe\n": "bad.txt:1: expected 'path1 path2 same'",
              "\n# nothing\n": "bad.txt: lists no pair",
-             "a/1.jpg missing.jpg 0\n": "missing.jpg cannot be read"}
+             "a/1.jpg missing.jpg 0\n": "missing.jpg: cannot be read"}
     for text, message in cases.items():
         (root / "bad.txt").write_text(text)
         with pytest.raises(ConfigError) as exc:

@@ -205,7 +205,7 @@ def test_a_metric_that_can_be_null_is_never_the_target_or_plateau_metric(tmp_pat
     with pytest.raises(ConfigError, match="needs >= 10000 impostor pairs"):
         big.metric("tar_at_far_1e-4", "schedule.plateau.metric")
     # a .bin set: counted from the file (3 impostors of 4 pairs), or its missing file named
-    (tmp_path / "lfw.bin").write_bytes(pickle.dumps(([b"x"] * 8, [True, False, False, False])))
+    (tmp_path / "lfw.bin").write_bytes(pickle.dumps(([bytes([i]) for i in range(8)], [True, False, False, False])))
     named = FaceTask(load_config(TINY, ["face.val_targets=[lfw]",
                                         f"face.val_root={tmp_path}"]))
     with pytest.raises(ConfigError, match="schedule.plateau.metric='lfw_tar_at_far_1e-3' can "

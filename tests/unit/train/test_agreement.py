@@ -64,7 +64,7 @@ def test_torchrun_with_a_per_rank_override_stops_every_rank_in_one_line(mnist_ro
     script = (f"exec {sys.executable} -m largebatch train {CONFIGS / 'mnist' / 'mlp.yaml'} "
               f"data.root={mnist_root} data.download=false data.subset=600 "
               f"batch.global_size=120 log.out_dir={tmp_path / 'run'} "
-              f"optim.lr=0.0$((RANK + 1))")
+              f"optim.lr=0.0$((RANK + 1)) checkpoint.dir={tmp_path / 'ck'}$RANK")
     t0 = time.monotonic()
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node=2", "--no-python", "bash", "-c", script], 120, cli_env())
@@ -72,6 +72,8 @@ def test_torchrun_with_a_per_rank_override_stops_every_rank_in_one_line(mnist_ro
     errors = [l for l in proc.stderr.splitlines() if l.startswith("largebatch: error:")]
     assert len(errors) == 2 and errors[0] == errors[1], proc
     assert "config.optim.lr (rank 0: 0.01, rank 1: 0.02)" in errors[0]
+    # each rank would write its shards to another folder: a set no resume could assemble
+    assert f'checkpoint.folder (rank 0: {tmp_path / "ck"}0, rank 1:' in errors[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken
     assert time.monotonic() - t0 < 60
     import psutil
