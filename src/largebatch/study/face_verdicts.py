@@ -19,7 +19,8 @@ TOL = 0.005  # "within 0.5 verification point"
 SMALL = 512  # the small batches the reference accuracy comes from
 GOAL_BATCH = 8192  # the issue's floor: this batch or larger within TOL of the reference
 AGREE_FACTOR = 4.0  # noise scale and measurement "agree" within two doublings
-NAIVE, RECIPES, FIXED = "naive", ("linear", "goyal", "lars"), ("naive", "linear", "goyal", "lars")
+NAIVE, RECIPES = "naive", ("linear", "goyal", "lars", "lamb")  # the recipes, by arm name
+FIXED = (NAIVE, *RECIPES)  # the fixed-batch arms
 PFC_PREFIX = "pfc_"
 
 
@@ -49,7 +50,7 @@ def reference(rows: list[dict]) -> Optional[tuple[float, str, int]]:
 
 
 def best_recipe(rows: list[dict]) -> dict[int, tuple[float, str]]:
-    """{batch: (accuracy, arm)} of the best recipe (linear, goyal, lars) at each batch."""
+    """{batch: (accuracy, arm)} of the best recipe (linear, goyal, lars, lamb) at each batch."""
     out: dict[int, tuple[float, str]] = {}
     for arm in RECIPES:
         for b, acc in acc_by_batch(rows, arm).items():
@@ -165,7 +166,7 @@ def pfc_cost(rows: list[dict]) -> FaceVerdict:
 def noise_pays(rows: list[dict], ref: float, kept: Optional[int]) -> FaceVerdict:
     """Where B_simple says batches stop paying, against where the accuracy says they do."""
     v = FaceVerdict("noise", "Where the noise scale says batches stop paying", "")
-    arm = next((a for a in ("goyal", "lars", "linear", NAIVE) if acc_by_batch(rows, a)), None)
+    arm = next((a for a in ("goyal", "lamb", "lars", "linear", NAIVE) if acc_by_batch(rows, a)), None)
     pts = [r for r in rows if r["arm"] == arm and r.get("status") == "ran"
            and finite(r.get("noise_scale_late"))]
     if not pts:
