@@ -166,7 +166,8 @@ def pfc_cost(rows: list[dict]) -> FaceVerdict:
 def noise_pays(rows: list[dict], ref: float, kept: Optional[int]) -> FaceVerdict:
     """Where B_simple says batches stop paying, against where the accuracy says they do."""
     v = FaceVerdict("noise", "Where the noise scale says batches stop paying", "")
-    arm = next((a for a in ("goyal", "lamb", "lars", "linear", NAIVE) if acc_by_batch(rows, a)), None)
+    arm = next((a for a in ("goyal", "lamb", "lars", "linear", NAIVE) if acc_by_batch(rows, a)),
+               None)  # the warmup recipe's own B_simple first: the others may diverge
     pts = [r for r in rows if r["arm"] == arm and r.get("status") == "ran"
            and finite(r.get("noise_scale_late"))]
     if not pts:
