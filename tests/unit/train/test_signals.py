@@ -70,6 +70,8 @@ def test_a_stop_signal_during_start_up_checkpoints_the_first_step_then_resumes(
                          parse_constant=lambda c: pytest.fail(f"literal {c}"))
     assert (summary["stop_reason"], summary["steps"]) == ("preempted", 1)
     assert summary["final_val_acc"] is None and summary["final_val_acc_nonfinite"] == "nan"
+    if sig != signal.SIGUSR1:  # the set is the same whichever signal made it: resumed once
+        return
     status = run_cli("status", *args(mnist_root, out)[1:])
     assert status.stdout.startswith("resumable at step 1 (step-000001)"), status
     again = run_cli(*args(mnist_root, out))
