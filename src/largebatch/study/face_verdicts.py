@@ -59,49 +59,51 @@ def best_recipe(rows: list[dict]) -> dict[int, tuple[float, str]]:
     return dict(sorted(out.items()))
 
 
-def naive_harm(rows: list[dict], ref: float) -> FaceVerdict:
-    """Where the naive rule starts to lose accuracy, and how fast (points per doubling)."""
+def naive_harm(rows: list[dict]) -> FaceVerdict:
+    """Where the naive rule starts to lose accuracy against its own smallest batch, and how
+    fast (points per doubling from the last batch that kept it to the largest)."""
     v = FaceVerdict("naive_harm", "Where the naive rule starts to lose accuracy", "")
     pts = sorted(acc_by_batch(rows, NAIVE).items())
     v.lines = [f"naive: {', '.join(f'bs {b}: {a:.4f}' for b, a in pts)}"]
-    onset = next((i for i, (_, a) in enumerate(pts) if a < ref - TOL), None)
-    if onset is None or onset == 0:
-        v.answer = ("not tested: no naive run" if not pts else
-                    "no loss within the sweep" if onset is None else
-                    f"loses from its smallest batch {pts[0][0]}")
-        v.numbers = {"onset_batch": pts[0][0] if pts and onset == 0 else None,
-                     "points_per_doubling": None}
+    onset = next((i for i, (_, a) in enumerate(pts) if a < pts[0][1] - TOL), None)
+    if onset is None:
+        v.answer = "not tested: no naive run" if not pts else "no loss within the sweep"
+        v.numbers = {"onset_batch": None, "points_per_doubling": None}
         return v
     (b0, a0), (b1, a1) = pts[onset - 1], pts[-1]
     per = 100 * (a0 - a1) / math.log2(b1 / b0)
     v.numbers = {"onset_batch": pts[onset][0], "last_kept_batch": b0,
                  "points_per_doubling": per, "largest_batch": b1, "largest_acc": a1}
-    v.answer = (f"loses from bs {pts[onset][0]} (below {ref - TOL:.4f}); {per:.2f} points per "
-                f"doubling from bs {b0} ({a0:.4f}) to bs {b1} ({a1:.4f})")
+    v.answer = (f"loses from bs {pts[onset][0]} (below {pts[0][1] - TOL:.4f}, its bs "
+                f"{pts[0][0]} minus {TOL * 100:g} point); {per:.2f} points per doubling from bs "
+                f"{b0} ({a0:.4f}) to bs {b1} ({a1:.4f})")
     return v
 
 
-def recovery(rows: list[dict], ref: float) -> FaceVerdict:
-    """How much of the naive rule's loss each recipe recovers, at every batch it lost at."""
+def recovery(rows: list[dict]) -> FaceVerdict:
+    """How much of the naive rule's loss (against its own smallest batch) each recipe
+    recovers, at every batch the naive rule lost at: (recipe - naive) / (base - naive)."""
     v = FaceVerdict("recovery", "How much of the harm each recipe recovers", "")
-    naive = acc_by_batch(rows, NAIVE)
-    lost = sorted(b for b, a in naive.items() if a < ref - TOL)
+    naive = dict(sorted(acc_by_batch(rows, NAIVE).items()))
+    base = next(iter(naive.values()), math.nan)
+    lost = [b for b, a in naive.items() if a < base - TOL]
     if not lost:
         v.answer = "not tested: the naive rule lost no accuracy"
         return v
-    shares: dict[str, Optional[float]] = {}
+    shares: dict[str, float] = {}
     for arm in RECIPES:
         acc = acc_by_batch(rows, arm)
-        per = [(b, (acc[b] - naive[b]) / (ref - naive[b])) for b in lost if b in acc]
+        per = [(b, (acc[b] - naive[b]) / (base - naive[b])) for b in lost if b in acc]
         if not per:
             continue
         shares[arm] = sum(s for _, s in per) / len(per)
         v.lines.append(f"{arm}: " + ", ".join(f"bs {b}: {s:.0%}" for b, s in per)
                        + f" (mean {shares[arm]:.0%})")
-    v.numbers = {"lost_batches": lost, "mean_recovered": shares}
+    v.numbers = {"lost_batches": lost, "base": base, "mean_recovered": shares}
     ranked = sorted(shares.items(), key=lambda kv: -kv[1])
     v.answer = ("; ".join(f"{arm} {s:.0%}" for arm, s in ranked) + " of the naive loss "
-                f"(to {ref:.4f}) on average over bs {', '.join(map(str, lost))}"
+                f"(to {base:.4f}) on average over bs {', '.join(map(str, lost))}; 100% = back "
+                f"to the naive rule's smallest batch, < 0 = worse than naive"
                 if ranked else "not tested: no recipe ran at a batch the naive rule lost at")
     return v
 
@@ -129,7 +131,7 @@ def largest_kept(rows: list[dict], ref: float) -> tuple[FaceVerdict, FaceVerdict
     gap = 100 * (ref - big[b][0])
     g.numbers = {"met": bool(met), "batch": b, "arm": big[b][1], "gap_points": gap}
     g.answer = (f"{'met' if met else 'NOT met'}: best at bs >= {GOAL_BATCH} is {big[b][1]} at "
-                f"bs {b}, {big[b][0]:.4f}, {gap:+.2f} points below {ref:.4f}")
+                f"bs {b}, {big[b][0]:.4f}, {gap:.2f} points below {ref:.4f}")
     return v, g
 
 
@@ -202,5 +204,5 @@ def face_verdicts(rows: list[dict]) -> list[FaceVerdict]:
     head = FaceVerdict("reference", "Reference: best small batch", f"{acc:.4f} ({arm}, bs {b})",
                        {"acc": acc, "arm": arm, "batch": b})
     kept, goal = largest_kept(rows, acc)
-    return [head, naive_harm(rows, acc), recovery(rows, acc), kept, goal, pfc_cost(rows),
+    return [head, naive_harm(rows), recovery(rows), kept, goal, pfc_cost(rows),
             noise_pays(rows, acc, kept.numbers["largest_batch"])]
