@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from largebatch.study._util import finite
+from largebatch.study._util import finite, results_table
 from largebatch.study._util import fmt as _fmt
 from largebatch.study.face_measure import FACE_COLUMNS, TAR_KEY
 from largebatch.study.face_verdicts import GOAL_BATCH, SMALL, TOL, FaceVerdict, face_verdicts
@@ -30,25 +30,22 @@ def face_table(rows: list[dict]) -> str:
             "best ver. acc", "TAR@FAR 1e-3", "loss osc", "epoch s (data + compute)",
             "updates to target", "s to target", "B_simple (early → late)", "head rows",
             "logits MB", "batch at end"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r.get("status") != "ran":
-            blank = ["—"] * (len(head) - 3)
-            cells = [r["arm"], str(r["batch_size"])] + blank + [r.get("note", "")]
-        else:
-            cells = [r["arm"], str(r["batch_size"]), _fmt(r["lr"], ".3g"),
-                     f"{r['micro_size']} x {r['accum_steps']}", _fmt(r["epochs_run"], ".2f"),
-                     _fmt(r["steps"], "d"), _fmt(r["final_verification_acc"], ".4f"),
-                     _fmt(r["best_verification_acc"], ".4f"), _fmt(r[f"final_{TAR_KEY}"], ".3f"),
-                     _fmt(r["loss_osc_1000"], ".3g"),
-                     f"{_fmt(r['epoch_time_s'], '.3g')} = {_fmt(r['data_time_s'], '.2g')} + "
-                     f"{_fmt(r['compute_time_s'], '.3g')}",
-                     _fmt(r["steps_to_target"], "d"), _fmt(r["time_to_target_s"], ".3g"),
-                     f"{_fmt(r.get('noise_scale_early'))} → {_fmt(r.get('noise_scale_late'))}",
-                     _fmt(r["head_rows"], "d"), _fmt(r["logits_mb"], ".3g"),
-                     _fmt(r["final_global_size"], "d")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return results_table(head, rows, _face_cells)
+
+
+def _face_cells(r: dict) -> list[str]:
+    """The table's cells for a run that ran."""
+    return [r["arm"], str(r["batch_size"]), _fmt(r["lr"], ".3g"),
+            f"{r['micro_size']} x {r['accum_steps']}", _fmt(r["epochs_run"], ".2f"),
+            _fmt(r["steps"], "d"), _fmt(r["final_verification_acc"], ".4f"),
+            _fmt(r["best_verification_acc"], ".4f"), _fmt(r[f"final_{TAR_KEY}"], ".3f"),
+            _fmt(r["loss_osc_1000"], ".3g"),
+            f"{_fmt(r['epoch_time_s'], '.3g')} = {_fmt(r['data_time_s'], '.2g')} + "
+            f"{_fmt(r['compute_time_s'], '.3g')}",
+            _fmt(r["steps_to_target"], "d"), _fmt(r["time_to_target_s"], ".3g"),
+            f"{_fmt(r.get('noise_scale_early'))} → {_fmt(r.get('noise_scale_late'))}",
+            _fmt(r["head_rows"], "d"), _fmt(r["logits_mb"], ".3g"),
+            _fmt(r["final_global_size"], "d")]
 
 
 def _setup_lines(meta: dict, rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from largebatch.study._util import fmt as _fmt
-from largebatch.study._util import finite
+from largebatch.study._util import finite, results_table
 from largebatch.study.figures import (plot_accuracy, plot_epoch_time, plot_loss_first,
                                       plot_noise_scale, plot_time_to_target)
 from largebatch.study.noise_verdict import PAYING, stop_paying
@@ -97,21 +97,13 @@ def markdown_table(rows: list[dict], loaders: list[str]) -> str:
             + ["loss osc", "target", "time to target s", "updates to target",
                "epochs to target", "final acc", "final lr", "B_simple (early → late)",
                "outcome"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r.get("status") != "ran":
-            blank = ["—"] * (len(head) - 3)
-            cells = [r["arm"], str(r["batch_size"])] + blank + [r.get("note", "")]
-        else:
-            cells = ([r["arm"], str(r["batch_size"]), _fmt(r["lr"], "g"),
-                      _fmt(r["epochs_run"], ".2f")]
-                     + [_timing_cell(r, ld) for ld in loaders]
-                     + [_fmt(r["loss_osc_1000"], ".3g"), _fmt(r["reached_target"]),
-                        _fmt(r["time_to_target_s"], ".3g"), _fmt(r["steps_to_target"], "d"),
-                        _fmt(r["epochs_to_target"], ".2f"), _fmt(r["final_val_acc"], ".4f"),
-                        _fmt(r.get("final_lr"), ".3g"), _noise_cell(r), r["outcome"]])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return results_table(head, rows, lambda r: (
+        [r["arm"], str(r["batch_size"]), _fmt(r["lr"], "g"), _fmt(r["epochs_run"], ".2f")]
+        + [_timing_cell(r, ld) for ld in loaders]
+        + [_fmt(r["loss_osc_1000"], ".3g"), _fmt(r["reached_target"]),
+           _fmt(r["time_to_target_s"], ".3g"), _fmt(r["steps_to_target"], "d"),
+           _fmt(r["epochs_to_target"], ".2f"), _fmt(r["final_val_acc"], ".4f"),
+           _fmt(r.get("final_lr"), ".3g"), _noise_cell(r), r["outcome"]]))
 
 
 def _noise_setup_line(meta: dict, rows: list[dict]) -> str:

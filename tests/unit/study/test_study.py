@@ -21,7 +21,8 @@ from largebatch.study import verdicts as claims
 from largebatch.study.configs import prepare_runs, timing_steps
 from largebatch.study.measure import loss_oscillation
 from largebatch.study.sweep import make_sweep
-from tests.conftest import CONFIGS, run_cli, run_torchrun
+from tests.conftest import CONFIGS, run_torchrun
+from tests.unit.study._quick import num, quick_study, records
 
 STUDY = CONFIGS / "mnist" / "study.yaml"
 REQUIRED = ["arm", "batch_size", "lr", "epochs_run", "epoch_time_s", "data_time_s",
@@ -41,21 +42,8 @@ def _data_args(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, mnist_root):
     """One quick study; returns (out_dir, stdout, rows from study.csv, study.json)."""
-    out = tmp_path_factory.mktemp("study")
-    proc = run_cli("study", str(STUDY), "study.quick=true", SEED_ONLY, *_data_args(mnist_root),
-                   f"log.out_dir={out}", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "study.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    return out, proc.stdout, rows, json.loads((out / "study.json").read_text())
-
-
-def _f(row: dict, key: str) -> float:
-    return float(row[key]) if row[key] != "" else math.nan
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return quick_study(tmp_path_factory.mktemp("study"), STUDY, SEED_ONLY,
+                       *_data_args(mnist_root), timeout=400)
 
 
 # ---- quick study end to end ------------------------------------------------------------------
@@ -70,10 +58,10 @@ def test_files_columns_and_progress(quick):
                                                                ("seed", 600)]
     for r in rows:
         for key in ALWAYS_FINITE:
-            assert math.isfinite(_f(r, key)), (r["batch_size"], key, r[key])
+            assert math.isfinite(num(r, key)), (r["batch_size"], key, r[key])
         reached = r["reached_target"] == "True"
         for key in ("time_to_target_s", "steps_to_target", "epochs_to_target"):
-            assert math.isfinite(_f(r, key)) == reached, (r["batch_size"], key)
+            assert math.isfinite(num(r, key)) == reached, (r["batch_size"], key)
         assert r["diverged"] == "False" and r["status"] == "ran"
         assert float(r["lr"]) == 0.02 and float(r["epochs_run"]) <= 2.0 + 1e-9
     # study.json holds the same rows; one progress line per (arm, batch size), in order.
@@ -88,7 +76,7 @@ def test_rows_match_the_runs_records(quick):
     curves = json.loads((out / "loss_curves.json").read_text())["seed"]
     for r in rows:
         b = int(r["batch_size"])
-        recs = _records(out / "seed" / f"bs{b}")
+        recs = records(out / "seed" / f"bs{b}")
         losses = [x["loss"] for x in recs if x["kind"] == "train"][:1000]
         assert curves[str(b)] == pytest.approx(losses)
         assert float(r["loss_osc_1000"]) == pytest.approx(np.abs(np.diff(losses)).mean())
@@ -102,7 +90,7 @@ def test_rows_match_the_runs_records(quick):
             assert float(r["epochs_to_target"]) == pytest.approx(hit["step"] * b / 6000)
         # The timing columns are the timing pass's epoch record scaled to a whole epoch.
         for loader in ("torch", "memory"):
-            (ep,) = [x for x in _records(out / "seed" / f"bs{b}" / f"timing_{loader}")
+            (ep,) = [x for x in records(out / "seed" / f"bs{b}" / f"timing_{loader}")
                      if x["kind"] == "epoch"]
             scale = (6000 // b) / ep["micro_batches"]
             assert float(r[f"{loader}_epoch_time_s"]) == pytest.approx(ep["epoch_time_s"] * scale)
@@ -317,7 +305,7 @@ def test_noise_scale_column_figure_and_section(quick):
     out, _, rows, js = quick
     for r in rows:  # quick sizes 6/60/600: every one has a smaller batch to measure with
         for key in ("noise_scale_early", "noise_scale_late", "noise_scale_final"):
-            assert math.isfinite(_f(r, key)) and _f(r, key) > 0, (r["batch_size"], key, r[key])
+            assert math.isfinite(num(r, key)) and num(r, key) > 0, (r["batch_size"], key, r[key])
         assert int(r["noise_points"]) > 0
     img = mpimg.imread(out / "noise_scale.png")
     assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
@@ -341,7 +329,7 @@ def test_noise_scale_is_read_from_the_runs_records(quick):
     curves = json.loads((out / "noise_curves.json").read_text())["seed"]
     for r in rows:
         run = out / "seed" / f"bs{r['batch_size']}"
-        train = [x for x in _records(run) if x["kind"] == "train"]
+        train = [x for x in records(run) if x["kind"] == "train"]
         values = [np.nan if x.get("noise_scale") is None else x["noise_scale"] for x in train]
         last = [v for v in values if np.isfinite(v)][-1]  # the EMA'd |G|² may end <= 0: None
         assert float(r["noise_scale_final"]) == pytest.approx(last, rel=1e-12)
@@ -372,10 +360,10 @@ def test_timing_passes_stay_micro_b_accum_1(quick):
             str(b), "1", "2")
         run = out / "seed" / f"bs{b}"
         for loader in ("torch", "memory"):  # the raw records: one micro-batch per update
-            (ep,) = [x for x in _records(run / f"timing_{loader}") if x["kind"] == "epoch"]
+            (ep,) = [x for x in records(run / f"timing_{loader}") if x["kind"] == "epoch"]
             assert ep["micro_batches"] == ep["step"]
             assert "final_noise_scale" not in _summary(run / f"timing_{loader}")
-        first = next(x for x in _records(run) if x["kind"] == "epoch")
+        first = next(x for x in records(run) if x["kind"] == "epoch")
         assert first["micro_batches"] == 2 * first["step"]  # (bs 6 stops at the target)
 
 
