@@ -7,7 +7,6 @@ and every verdict is re-derived here from the table, independently of the study'
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -20,10 +19,11 @@ from largebatch.study.configs import capped_split, prepare_runs
 from largebatch.study.face_measure import batch_path
 from largebatch.study.runner import quick_config
 from largebatch.study.sweep import make_sweep
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS
+from tests.unit.study._quick import num, quick_study, records
 
 STUDY = CONFIGS / "face" / "study.yaml"
-FIXED = ["naive", "linear", "goyal", "lamb"]
+FIXED = ["naive", "linear", "goyal", "lars", "lamb"]
 EXPECTED = ([(arm, b) for arm in FIXED for b in (128, 512)] + [("goodput", 128)]
             + [(f"pfc_{r}", 512) for r in ("1.0", "0.3", "0.1")])
 FACE_COLS = ["final_verification_acc", "best_verification_acc", "final_tar_at_far_1e-3",
@@ -38,20 +38,7 @@ ALWAYS_FINITE = ["final_verification_acc", "best_verification_acc", "loss_osc_10
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """One quick face study; returns (out_dir, stdout, rows from study.csv, study.json)."""
-    out = tmp_path_factory.mktemp("face_study")
-    proc = run_cli("study", str(STUDY), "study.quick=true", f"log.out_dir={out}", timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "study.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    return out, proc.stdout, rows, json.loads((out / "study.json").read_text())
-
-
-def _f(row: dict, key: str) -> float:
-    return float(row[key]) if row[key] != "" else math.nan
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return quick_study(tmp_path_factory.mktemp("face_study"), STUDY, timeout=240)
 
 
 def test_columns_arms_and_the_same_epochs(quick):
@@ -64,14 +51,16 @@ def test_columns_arms_and_the_same_epochs(quick):
     for r in rows:
         assert r["status"] == "ran" and float(r["epochs_run"]) == pytest.approx(2.0)
         for key in ALWAYS_FINITE:
-            assert math.isfinite(_f(r, key)), (r["arm"], r["batch_size"], key)
-        assert _f(r, "epoch_time_s") == pytest.approx(_f(r, "memory_epoch_time_s"))
+            assert math.isfinite(num(r, key)), (r["arm"], r["batch_size"], key)
+        assert num(r, "epoch_time_s") == pytest.approx(num(r, "memory_epoch_time_s"))
     by = {(r["arm"], int(r["batch_size"])): r for r in rows}
-    # The rules: naive keeps the LR, linear and goyal scale it x4 at 512, lamb x2; PFC samples.
-    assert _f(by["naive", 512], "lr") == pytest.approx(0.003)
-    assert _f(by["linear", 512], "lr") == pytest.approx(0.012)
-    assert _f(by["goyal", 512], "lr") == pytest.approx(0.012)
-    assert _f(by["lamb", 512], "lr") == pytest.approx(0.006)
+    # The rules: naive keeps the LR, linear, goyal and lars scale theirs x4 at 512, lamb x2 (from
+    # its own base LR 0.01); PFC samples.
+    assert num(by["naive", 512], "lr") == pytest.approx(0.003)
+    assert num(by["linear", 512], "lr") == pytest.approx(0.012)
+    assert num(by["goyal", 512], "lr") == pytest.approx(0.012)
+    assert num(by["lars", 512], "lr") == pytest.approx(0.8)
+    assert num(by["lamb", 512], "lr") == pytest.approx(0.02)
     assert [int(by[f"pfc_{r}", 512]["head_rows"]) for r in ("1.0", "0.3", "0.1")] == \
         [2000, 600, 200]
     assert "Face recognition batch-size study" in (out / "study.md").read_text()
@@ -84,9 +73,9 @@ def test_rows_match_the_runs_records(quick):
     curves = json.loads((out / "eval_curves.json").read_text())
     for r in rows:
         arm, b = r["arm"], int(r["batch_size"])
-        evals = [x for x in _records(out / arm / f"bs{b}") if x["kind"] == "eval"]
-        assert _f(r, "final_verification_acc") == pytest.approx(evals[-1]["verification_acc"])
-        assert _f(r, "best_verification_acc") == pytest.approx(
+        evals = [x for x in records(out / arm / f"bs{b}") if x["kind"] == "eval"]
+        assert num(r, "final_verification_acc") == pytest.approx(evals[-1]["verification_acc"])
+        assert num(r, "best_verification_acc") == pytest.approx(
             max(e["verification_acc"] for e in evals))
         hit = next((e for e in evals if e["verification_acc"] >= target), None)
         assert (r["reached_target"] == "True") == (hit is not None)
@@ -101,7 +90,7 @@ def _table(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         out.append({"arm": r["arm"], "batch_size": int(r["batch_size"]), "status": r["status"],
-                    **{k: _f(r, k) for k in ("final_verification_acc", "sample_rate",
+                    **{k: num(r, k) for k in ("final_verification_acc", "sample_rate",
                                              "epoch_time_s", "logits_mb", "fc_memory_mb",
                                              "noise_scale_late")}})
     return out
@@ -121,10 +110,10 @@ def test_verdicts_present_and_consistent_with_the_table(quick):
              if r["arm"] in FIXED and r["batch_size"] <= 512]
     ref = max(small)
     assert verdicts["reference"]["numbers"]["acc"] == pytest.approx(ref[0])
-    # The largest batch whose best recipe (linear, goyal, lamb) is within 0.5 point.
+    # The largest batch whose best recipe (linear, goyal, lars, lamb) is within 0.5 point.
     best: dict[int, float] = {}
     for r in table:
-        if r["arm"] in ("linear", "goyal", "lamb"):
+        if r["arm"] in ("linear", "goyal", "lars", "lamb"):
             best[r["batch_size"]] = max(best.get(r["batch_size"], -1), r["final_verification_acc"])
     kept = [b for b, a in best.items() if a >= ref[0] - 0.005]
     assert verdicts["largest_kept"]["numbers"]["largest_batch"] == (max(kept) if kept else None)
