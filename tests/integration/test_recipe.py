@@ -17,6 +17,7 @@ from tests.conftest import CONFIGS
 
 RECIPE = CONFIGS / "mnist" / "large_batch.yaml"
 NAIVE = CONFIGS / "mnist" / "naive_linear.yaml"
+RECIPE_16K = CONFIGS / "mnist" / "large_batch_16k.yaml"
 MNIST_TRAIN = 60000
 
 
@@ -43,6 +44,24 @@ def test_recipe_plan_matches_the_rule(world):
     assert plan.peak_lr == pytest.approx(cfg.optim.lr * math.sqrt(4096 / 60), rel=1e-12)
     assert plan.warmup_steps == round(cfg.schedule.warmup_epochs * 15)
     assert plan.warmup_steps >= 1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_16k_recipe_keeps_the_4096_peak_and_warms_up_one_epoch(world):
+    """large_batch_16k.yaml is the 4096 recipe at 4x the batch with the same peak LR (the sqrt
+    rule from 0.002 collapsed the net, docs/LARGE_BATCH.md) and a warmup of one epoch."""
+    cfg, base = load_config(RECIPE_16K), load_config(RECIPE)
+    plan, plan_4096 = make_plan(cfg, world, MNIST_TRAIN), make_plan(base, world, MNIST_TRAIN)
+    assert plan.global_size == 16384 == plan.micro_size * plan.accum_steps * world
+    assert plan.steps_per_epoch == math.ceil(MNIST_TRAIN / 16384) == 4
+    assert plan.peak_lr == pytest.approx(plan_4096.peak_lr, rel=1e-12)
+    assert plan.peak_lr == pytest.approx(0.002 * math.sqrt(4096 / 60), rel=1e-12)
+    assert plan.warmup_steps == 4
+    # Everything else is the 4096 recipe's: same net, optimizer, betas, schedule, target.
+    for section, key in [("model", "name"), ("optim", "name"), ("optim", "betas"),
+                         ("optim", "weight_decay"), ("schedule", "name"),
+                         ("schedule", "warmup_start_factor"), ("train", "target_acc")]:
+        assert getattr(getattr(cfg, section), key) == getattr(getattr(base, section), key), key
 
 
 def test_naive_linear_is_the_seed_lr_times_the_batch_ratio():
